@@ -1,0 +1,14 @@
+"""dcp-resume: exact checkpoint/resume for PyTorch training on preemptible compute."""
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    CheckpointExistsError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointSaveError,
+    IncompleteCheckpointError,
+)
+from .manager import CheckpointManager  # noqa: E402
+
+__all__ = ["CheckpointManager", "CheckpointExistsError", "CheckpointMismatchError", "CheckpointNotFoundError",
+           "CheckpointSaveError", "IncompleteCheckpointError", "__version__"]

@@ -1,0 +1,21 @@
+"""The few exception types the engine raises. Each subclasses a built-in, so callers may catch either."""
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """No checkpoint where one was asked for: an empty save_dir, a missing path, a missing state/."""
+
+
+class IncompleteCheckpointError(ValueError):
+    """A checkpoint directory that was never committed (no valid metadata.json) or lost files since."""
+
+
+class CheckpointMismatchError(ValueError):
+    """The live objects handed to load_checkpoint do not match what the checkpoint holds."""
+
+
+class CheckpointExistsError(FileExistsError):
+    """A save would overwrite a committed checkpoint."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed on some rank; the previous checkpoint stays the latest."""

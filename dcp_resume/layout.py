@@ -1,0 +1,138 @@
+"""The on-disk contract of ../shared/DESIGN.md: directory names, metadata.json, completeness, discovery."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import storage
+
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+STATE_DIR = "state"
+CONFIG_FILE = "config.json"
+STATS_FILE = "training_stats.json"
+KINDS = ("step", "epoch", "preemption", "final")
+RESERVED_NAMES = {METADATA_FILE, METADATA_FILE + ".tmp", STATE_DIR, CONFIG_FILE, STATS_FILE}
+CHECKPOINT_NAME = re.compile(r"^(step_\d+|epoch\d+)$")
+REQUIRED_KEYS = ("format_version", "step", "epoch", "timestamp", "world_size", "kind", "is_best",
+                 "metrics", "best_metric", "files")
+
+
+def checkpoint_name(kind: str, step: int, epoch: int) -> str:
+    """epoch checkpoints live in epoch<N>/, every other kind in step_<N>/."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {list(KINDS)}")
+    return f"epoch{epoch}" if kind == "epoch" else f"step_{step}"
+
+
+def utc_now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _timestamp_key(ts: Any) -> float:
+    try:
+        return _dt.datetime.fromisoformat(str(ts)).timestamp()
+    except ValueError:
+        return float("-inf")
+
+
+@dataclass
+class CheckpointInfo:
+    """One step_*/epoch* directory and whether it is complete (DESIGN.md: metadata.json decides)."""
+
+    path: str
+    complete: bool
+    reason: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path.rstrip("/"))
+
+    @property
+    def step(self) -> int:
+        return int(self.meta.get("step", -1))
+
+    @property
+    def order(self) -> tuple[int, float]:
+        """Latest = highest step, ties broken by the newest timestamp."""
+        return (self.step, _timestamp_key(self.meta.get("timestamp")))
+
+
+def _safe_relpath(rel: str) -> bool:
+    parts = rel.replace("\\", "/").split("/")
+    return bool(rel) and not os.path.isabs(rel) and ".." not in parts
+
+
+def inspect_dir(path: str) -> CheckpointInfo:
+    """Completeness check: metadata.json parses and lists files that exist with the recorded sizes."""
+    meta_path = os.path.join(path, METADATA_FILE)
+    if not os.path.isdir(path):
+        return CheckpointInfo(path, False, "directory does not exist")
+    if not os.path.isfile(meta_path):
+        return CheckpointInfo(path, False, "no metadata.json (save interrupted before its commit)")
+    try:
+        meta = storage.read_json(meta_path)
+    except (ValueError, OSError) as e:
+        return CheckpointInfo(path, False, f"metadata.json does not parse ({type(e).__name__})")
+    if not isinstance(meta, dict):
+        return CheckpointInfo(path, False, "metadata.json is not a JSON object")
+    lacking = [k for k in REQUIRED_KEYS if k not in meta]
+    if lacking:
+        return CheckpointInfo(path, False, f"metadata.json lacks {', '.join(lacking)}", meta)
+    files = meta["files"]
+    if not isinstance(files, dict) or not files:
+        return CheckpointInfo(path, False, "metadata.json lists no files", meta)
+    for rel, info in sorted(files.items()):
+        if not _safe_relpath(rel):
+            return CheckpointInfo(path, False, f"metadata.json lists a path outside the checkpoint: {rel}", meta)
+        p = os.path.join(path, rel)
+        if not os.path.isfile(p):
+            return CheckpointInfo(path, False, f"listed file missing: {rel}", meta)
+        size = info.get("size") if isinstance(info, dict) else None
+        if size != os.path.getsize(p):
+            return CheckpointInfo(path, False, f"size mismatch: {rel} is {os.path.getsize(p)} bytes, "
+                                               f"metadata.json says {size}", meta)
+    return CheckpointInfo(path, True, "", meta)
+
+
+def list_checkpoints(save_dir: str) -> list[CheckpointInfo]:
+    """Every step_*/epoch* directory in save_dir, complete or not; complete ones sorted oldest first."""
+    if not os.path.isdir(save_dir):
+        return []
+    infos = [inspect_dir(os.path.join(save_dir, n)) for n in os.listdir(save_dir)
+             if CHECKPOINT_NAME.match(n) and os.path.isdir(os.path.join(save_dir, n))]
+    return sorted(infos, key=lambda i: (i.complete, i.order, i.name))
+
+
+def latest_complete(save_dir: str) -> CheckpointInfo | None:
+    complete = [i for i in list_checkpoints(save_dir) if i.complete]
+    return max(complete, key=lambda i: i.order) if complete else None
+
+
+def build_metadata(*, step: int, epoch: int, kind: str, world_size: int, is_best: bool,
+                   metrics: dict | None, best_metric: Any, files: dict[str, dict],
+                   extra: dict | None = None) -> dict[str, Any]:
+    import torch
+
+    from . import __version__
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "step": int(step),
+        "epoch": int(epoch),
+        "timestamp": utc_now_iso(),
+        "world_size": int(world_size),
+        "kind": kind,
+        "is_best": bool(is_best),
+        "metrics": dict(metrics or {}),
+        "best_metric": best_metric,
+        "files": files,
+        "torch_version": torch.__version__,
+        "dcp_resume_version": __version__,
+    }
+    meta.update(extra or {})
+    return meta

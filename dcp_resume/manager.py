@@ -1,0 +1,251 @@
+"""CheckpointManager: the seed guide's API on top of sharded DCP checkpoints with a rank-0 commit."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from . import artifacts as artifacts_mod
+from . import dcp_io, layout, live_state, storage
+from .distributed import CommitGroup, is_distributed, rank, world_size
+from .errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CheckpointSaveError,
+    IncompleteCheckpointError,
+)
+from .logs import configure as configure_logging
+from .logs import logger
+from .retention import plan_removals, validate_keep_last_n
+
+
+def _as_dict(config: Any) -> dict[str, Any]:
+    """A dict, dataclass or namespace, as a plain dict (what config.json holds)."""
+    import dataclasses
+
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return dict(config)
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    if hasattr(config, "__dict__"):
+        return dict(vars(config))
+    raise TypeError(f"config must be a dict, dataclass or namespace, got {type(config).__name__}")
+
+
+class CheckpointManager:
+    """Saves and restores training state under save_dir (see ../shared/DESIGN.md for the format).
+
+    Every call that saves or loads is collective: call it on every rank. Preemption handling
+    (`enable_preemption_handling`) is accepted and recorded; the signal handling itself is pending
+    (issue 4) and installs nothing yet.
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, save_interval: int = 100, keep_last_n: int | None = 3,
+                 enable_preemption_handling: bool = True, verbose: bool = True, *,
+                 config: Any = None, keep_best: bool = True, collective_timeout_s: float = 600.0):
+        if save_dir is None or str(save_dir) == "":
+            raise ValueError("save_dir is empty; pass the directory that holds (or will hold) checkpoints")
+        validate_keep_last_n(keep_last_n)
+        if save_interval is not None and (not isinstance(save_interval, int) or save_interval < 0):
+            raise ValueError(f"save_interval={save_interval!r} must be an integer >= 0 (0 disables periodic saves)")
+        self.save_dir = os.fspath(save_dir)
+        self.save_interval = save_interval
+        self.keep_last_n = keep_last_n
+        self.keep_best = keep_best
+        self.enable_preemption_handling = enable_preemption_handling
+        self.verbose = verbose
+        self.config = _as_dict(config)
+        self.history: list[dict[str, Any]] = []  # training_stats.json when the caller passes none
+        self.loaded_metadata: dict[str, Any] | None = None
+        self._group = CommitGroup(collective_timeout_s)
+        self._cleaned_at_start = False
+        configure_logging(verbose)
+
+    # -- the seed guide's API ---------------------------------------------------------------------
+    def should_save(self, step: int, force: bool = False) -> bool:
+        """The one place that decides whether a periodic save happens at `step`."""
+        if force:
+            return True
+        return bool(self.save_interval) and step > 0 and step % self.save_interval == 0
+
+    def find_latest_checkpoint(self, checkpoint_dir: str | os.PathLike | None = None) -> str | None:
+        """Path of the complete checkpoint with the highest step (ties: newest timestamp), or None."""
+        info = layout.latest_complete(os.fspath(checkpoint_dir or self.save_dir))
+        return info.path if info else None
+
+    def save_checkpoint(self, state: dict[str, Any], step: int, epoch: int = 0, is_best: bool = False,
+                        extra_artifacts: dict[str, Any] | None = None, *, kind: str = "step",
+                        metrics: dict[str, Any] | None = None, best_metric: Any = None,
+                        config: Any = None, training_stats: Any = None) -> str:
+        """Write `state` as checkpoint `step_<step>/` (`epoch<epoch>/` for kind='epoch') and commit it.
+
+        Returns the checkpoint path once metadata.json is durable on disk. Collective: every rank calls
+        it with the same step, kind and artifact names.
+        """
+        t0 = time.perf_counter()
+        artifacts_mod.check(extra_artifacts)
+        path = os.path.join(self.save_dir, layout.checkpoint_name(kind, step, epoch))
+        state_dir = os.path.join(path, layout.STATE_DIR)
+        self._on_rank0_then_share(lambda: self._prepare_target(path))
+
+        payload = live_state.to_save(state)
+        extras = artifacts_mod.gather_full_tensors(extra_artifacts)
+        dcp_io.save(payload, state_dir, self._group.group)
+        mine = {f"{layout.STATE_DIR}/{n}": storage.file_info(os.path.join(state_dir, n))
+                for n in dcp_io.shard_files_of_rank(state_dir, rank())}
+        reported = self._group.gather(mine)
+
+        if training_stats is None:
+            self.history.append({"step": int(step), "epoch": int(epoch), "kind": kind, **(metrics or {})})
+            training_stats = {"history": self.history}
+        commit = dict(step=step, epoch=epoch, kind=kind, is_best=is_best, metrics=metrics,
+                      best_metric=best_metric, config=_as_dict(config) or self.config,
+                      training_stats=training_stats, extras=extras)
+        self._on_rank0_then_share(lambda: self._commit(path, reported, **commit))
+
+        if rank() == 0:
+            self._apply_retention(live=frozenset())
+            size = sum(os.path.getsize(os.path.join(path, f)) for f in storage.list_files(path))
+            logger.info("Saved checkpoint: %s (%.1f MB, %.2f s)", path, size / 1e6, time.perf_counter() - t0)
+        return path
+
+    def load_checkpoint(self, checkpoint_path: str | os.PathLike | None = None, map_location: Any = "cpu",
+                        state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Load a checkpoint (default: the latest complete one in save_dir).
+
+        With `state`, restores its live objects (models, optimizers, schedulers, anything with
+        load_state_dict) in place and returns the loaded dict for the keys of `state`. Without it,
+        returns everything the checkpoint holds. Metadata of the loaded checkpoint is kept in
+        `self.loaded_metadata`. Collective when running distributed.
+        """
+        path = self._resolve(checkpoint_path)
+        state_dir = os.path.join(path, layout.STATE_DIR)
+        meta = dcp_io.read_metadata(state_dir)
+        if state is None:
+            loaded = dcp_io.template_from_metadata(meta, None, map_location)
+            dcp_io.load(loaded, state_dir, self._group.group)
+        else:
+            live = live_state.split(state)
+            loaded = live_state.build_template(live, meta, map_location)
+            dcp_io.load(loaded, state_dir, self._group.group)
+            live_state.restore(live, loaded)
+        self.loaded_metadata = layout.inspect_dir(path).meta
+        self._restore_history(path)
+        logger.info("Loaded checkpoint: %s (step %s, epoch %s)", path,
+                    self.loaded_metadata.get("step"), self.loaded_metadata.get("epoch"))
+        return loaded
+
+    def wait(self) -> None:
+        """Block until no save is in flight. Saves are synchronous for now, so this returns at once."""
+
+    def close(self) -> None:
+        self.wait()
+        self._group.close()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------------------------------
+    def _on_rank0_then_share(self, fn) -> None:
+        """Run fn on rank 0 and raise its exception (if any) on every rank, so no rank hangs or
+        goes on alone."""
+        error = None
+        if rank() == 0:
+            try:
+                fn()
+            except Exception as e:  # shared below, re-raised on every rank
+                error = e
+        error = self._group.broadcast(error)
+        if error is not None:
+            raise error
+
+    def _prepare_target(self, path: str) -> None:
+        info = layout.inspect_dir(path)
+        if info.complete:
+            raise CheckpointExistsError(
+                f"{path} already holds a committed checkpoint (step {info.step}, kind "
+                f"{info.meta.get('kind')}); refusing to overwrite it. Use a new save_dir, or remove it "
+                f"first (dcp-resume prune)")
+        if not self._cleaned_at_start:
+            self._apply_retention(live=frozenset(), complete_too=False)
+            self._cleaned_at_start = True
+        if os.path.isdir(path):
+            logger.info("Removing incomplete checkpoint before rewriting it: %s (%s)", path, info.reason)
+            storage.remove_tree(path)
+        os.makedirs(os.path.join(path, layout.STATE_DIR))
+
+    def _commit(self, path: str, reported: list[dict], *, step, epoch, kind, is_best, metrics,
+                best_metric, config, training_stats, extras) -> None:
+        """Rank 0, after every rank wrote its shards: side files, then metadata.json last."""
+        files: dict[str, dict] = {}
+        for rank_files in reported:
+            files.update(rank_files)
+        side = {layout.CONFIG_FILE: config, layout.STATS_FILE: training_stats}
+        for name, obj in side.items():
+            storage.write_json_durably(os.path.join(path, name), obj)
+        for name, data in artifacts_mod.encode(extras).items():
+            storage.write_bytes_durably(os.path.join(path, name), data)
+        on_disk = storage.list_files(path)
+        for rel in on_disk:
+            if rel not in files and not rel.startswith(layout.STATE_DIR + "/"):
+                files[rel] = storage.file_info(os.path.join(path, rel))
+        unlisted = [rel for rel in on_disk if rel not in files]
+        if unlisted or dcp_io.DCP_METADATA not in {r.rsplit("/", 1)[-1] for r in files}:
+            raise CheckpointSaveError(f"save of step {step} left files no rank reported ({unlisted}) or no "
+                                      f"DCP .metadata in {path}/state; not committing it")
+        storage.fsync_dir(os.path.join(path, layout.STATE_DIR))
+        meta = layout.build_metadata(step=step, epoch=epoch, kind=kind, world_size=world_size(),
+                                     is_best=is_best, metrics=metrics, best_metric=best_metric, files=files)
+        storage.commit_json_atomically(os.path.join(path, layout.METADATA_FILE), meta)
+        storage.fsync_dir(self.save_dir)
+
+    def _apply_retention(self, live: frozenset[str], complete_too: bool = True) -> None:
+        infos = layout.list_checkpoints(self.save_dir)
+        for info in plan_removals(infos, self.keep_last_n if complete_too else None, self.keep_best, live):
+            why = "retention" if info.complete else f"incomplete: {info.reason}"
+            logger.info("Removing checkpoint %s (%s)", info.path, why)
+            storage.remove_tree(info.path)
+
+    def _resolve(self, checkpoint_path) -> str:
+        """The checkpoint to load, chosen on rank 0 and shared, with the seed guide's messages."""
+        if checkpoint_path is None:
+            found = self._group.broadcast(self.find_latest_checkpoint() if rank() == 0 else None)
+            if found is None:
+                raise CheckpointNotFoundError(
+                    f"No checkpoint found to resume in {self.save_dir}: looked for complete step_*/epoch* "
+                    "directories (ones with a valid metadata.json)")
+            return found
+        path = os.fspath(checkpoint_path)
+        if not os.path.exists(path):
+            raise CheckpointNotFoundError(f"Checkpoint path does not exist: {path}")
+        if not os.path.isdir(path):
+            raise CheckpointNotFoundError(f"Checkpoint path is a file, not a checkpoint directory: {path}")
+        if not os.path.exists(os.path.join(path, layout.METADATA_FILE)) and layout.list_checkpoints(path):
+            raise CheckpointNotFoundError(
+                f"{path} is a save_dir, not a checkpoint; name one of its step_*/epoch* directories, or "
+                "resume from the latest with --auto_resume --save_dir " + path)
+        state_dir = os.path.join(path, layout.STATE_DIR)
+        if not os.path.isdir(state_dir) or not os.listdir(state_dir):
+            raise CheckpointNotFoundError(
+                f"State file not found: {state_dir} is missing or empty; the save was interrupted or this "
+                "is not a dcp-resume checkpoint. List complete ones with `dcp-resume ls <save_dir>`")
+        info = layout.inspect_dir(path)
+        if not info.complete:
+            raise IncompleteCheckpointError(
+                f"{path} is not a complete checkpoint ({info.reason}); it was never committed or has lost "
+                "files. Resume from a complete one (`dcp-resume ls <save_dir>`)")
+        return path
+
+    def _restore_history(self, path: str) -> None:
+        stats_path = os.path.join(path, layout.STATS_FILE)
+        try:
+            stats = storage.read_json(stats_path)
+        except (OSError, ValueError):
+            return
+        if isinstance(stats, dict) and isinstance(stats.get("history"), list):
+            self.history = list(stats["history"])

@@ -1,0 +1,25 @@
+"""Which checkpoint directories may go: the keep_last_n policy and leftover incomplete directories."""
+from __future__ import annotations
+
+from .layout import CheckpointInfo
+
+
+def validate_keep_last_n(keep_last_n: int | None) -> None:
+    if keep_last_n is not None and (not isinstance(keep_last_n, int) or keep_last_n < 1):
+        raise ValueError(f"keep_last_n={keep_last_n!r} must be an integer >= 1 (or None to keep every "
+                         "checkpoint); a policy that keeps nothing would delete the checkpoint to resume from")
+
+
+def plan_removals(infos: list[CheckpointInfo], keep_last_n: int | None, keep_best: bool = True,
+                  live: frozenset[str] = frozenset()) -> list[CheckpointInfo]:
+    """Directories to delete: complete ones beyond the newest keep_last_n (never the newest, never the
+    newest marked is_best when keep_best), and every incomplete one that no live save is writing."""
+    complete = sorted((i for i in infos if i.complete), key=lambda i: i.order, reverse=True)
+    doomed = [i for i in infos if not i.complete and i.path not in live]
+    if keep_last_n is not None and complete:
+        keep = {i.path for i in complete[:keep_last_n]}
+        best = next((i for i in complete if i.meta.get("is_best")), None)
+        if keep_best and best is not None:
+            keep.add(best.path)
+        doomed += [i for i in complete if i.path not in keep]
+    return doomed
