@@ -8,7 +8,8 @@ from .errors import (  # noqa: E402
     CheckpointSaveError,
     IncompleteCheckpointError,
 )
+from .experiment import ExperimentCheckpointer  # noqa: E402
 from .manager import CheckpointManager  # noqa: E402
 
-__all__ = ["CheckpointManager", "CheckpointExistsError", "CheckpointMismatchError", "CheckpointNotFoundError",
+__all__ = ["CheckpointManager", "ExperimentCheckpointer", "CheckpointExistsError", "CheckpointMismatchError", "CheckpointNotFoundError",
            "CheckpointSaveError", "IncompleteCheckpointError", "__version__"]

@@ -1,0 +1,64 @@
+"""train.py's command line: the seed guide's flags plus the trainer's own."""
+from __future__ import annotations
+
+import argparse
+
+from .model import COMPRESSIONS
+
+EXAMPLES = """examples:
+  python latentwire/train.py --epochs 10 --save_dir runs/exp1 --save_every 100
+  python latentwire/train.py --auto_resume --save_dir runs/exp1          # continue where it stopped
+  python latentwire/train.py --resume_from runs/exp1/step_1500 --batch_size 32
+  torchrun --nproc_per_node 8 latentwire/train.py --auto_resume --save_dir runs/exp1
+  accelerate launch --multi_gpu --num_processes 2 latentwire/train.py --auto_resume --save_dir runs/exp1
+
+exit codes: 0 finished, 143 preempted (resumable), anything else failed.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="latentwire/train.py", description="Train LatentWire with exact resume.",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data and schedule")
+    g.add_argument("--epochs", type=int, default=2)
+    g.add_argument("--batch_size", type=int, default=8, help="per rank")
+    g.add_argument("--samples", type=int, default=None, help="use the first N examples")
+    g.add_argument("--dataset", default="synthetic", help="'synthetic' or a SQuAD-v1 .json/.jsonl PATH")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--warmup_steps", type=int, default=5)
+    g.add_argument("--grad_clip", type=float, default=1.0)
+    g.add_argument("--compression", choices=COMPRESSIONS, default="telepathy")
+    g.add_argument("--tiny", action="store_true", help="a much smaller model, for tests and smoke runs")
+    g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP")
+    g.add_argument("--max_steps", type=int, default=None,
+                   help="stop (without a final checkpoint) after this global step; for experiments")
+    c = p.add_argument_group("checkpoints")
+    c.add_argument("--save_dir", default="runs/latentwire")
+    c.add_argument("--save_every", type=int, default=100, help="steps between checkpoints; 0: only epoch/final")
+    c.add_argument("--keep_last_n", type=int, default=3)
+    c.add_argument("--auto_resume", action="store_true", help="resume from the latest complete checkpoint")
+    c.add_argument("--resume_from", metavar="PATH", help="resume from this checkpoint")
+    c.add_argument("--no_load_optimizer", action="store_true", help="fresh optimizer state on resume")
+    c.add_argument("--no_load_lr_scheduler", action="store_true", help="fresh LR schedule on resume")
+    c.add_argument("--reset_epoch", action="store_true",
+                   help="on resume keep the weights (and optimizer) but restart epoch, step, data position "
+                        "and LR schedule; needs a new --save_dir")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)}: must be >= 1")
+    if args.save_every < 0:
+        parser.error(f"--save_every {args.save_every}: must be >= 0 (0 saves only at epoch ends and the end)")
+    if args.keep_last_n < 1:
+        parser.error(f"--keep_last_n {args.keep_last_n}: must be >= 1")
+    if args.auto_resume and args.resume_from:
+        parser.error("--auto_resume and --resume_from both given; pick one")
+    if args.reset_epoch and not (args.auto_resume or args.resume_from):
+        parser.error("--reset_epoch only makes sense with --resume_from PATH (or --auto_resume)")
+    return args

@@ -1,0 +1,67 @@
+"""Process setup shared by train.py and main_experiment.py: ranks, device, wrapping, logging."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start() -> Runtime:
+    """The same code under python, torchrun and accelerate launch: accelerate's state reads the
+    launcher's environment and starts the process group (gloo on CPU, NCCL on CUDA)."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    world = acc.num_processes
+    if world > 1 and not dist.is_initialized():  # accelerate leaves this to us in some launch modes
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Runtime(rank=acc.process_index, world_size=world, device=acc.device)
+
+
+def wrap(model: nn.Module, rt: Runtime, fsdp: bool) -> nn.Module:
+    """DDP across ranks (or FSDP2 with --fsdp); the frozen LMs are never sharded or synced."""
+    model.to(rt.device)
+    if fsdp and dist.is_initialized():
+        from torch.distributed.fsdp import fully_shard
+
+        for name in ("encoder", "pooler", "adapter_llama", "adapter_qwen"):
+            fully_shard(getattr(model, name))
+        return model
+    if rt.world_size > 1:
+        return nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
+                                                   else None)
+    return model
+
+
+def setup_logging(save_dir: str, rt: Runtime) -> logging.Logger:
+    """Rank 0 logs to stdout and appends to <save_dir>/logs/train.log (kept across resumes)."""
+    log = logging.getLogger("latentwire")
+    log.setLevel(logging.INFO if rt.is_main else logging.WARNING)
+    log.propagate = False
+    if not log.handlers:
+        fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+        out = logging.StreamHandler(sys.stdout)
+        out.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(out)
+        if rt.is_main:
+            os.makedirs(os.path.join(save_dir, "logs"), exist_ok=True)
+            f = logging.FileHandler(os.path.join(save_dir, "logs", "train.log"), mode="a")
+            f.setFormatter(fmt)
+            log.addHandler(f)
+    return log

@@ -1,0 +1,224 @@
+"""Train LatentWire with checkpoints that resume exactly (see `--help`).
+
+Works unchanged under `python latentwire/train.py`, `torchrun --nproc_per_node N latentwire/train.py`
+and `accelerate launch --multi_gpu --num_processes N latentwire/train.py`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from dcp_resume import CheckpointManager, storage  # noqa: E402
+from dcp_resume.layout import STATS_FILE  # noqa: E402
+from dcp_resume.rng import RNGState  # noqa: E402
+from dcp_resume.sampler import ResumableSampler  # noqa: E402
+from latentwire.args import parse_args  # noqa: E402
+from latentwire.data import collate, load_examples  # noqa: E402
+from latentwire.model import LatentWire, ModelConfig, trainable_state, unwrap  # noqa: E402
+from latentwire.runtime import setup_logging, start, wrap  # noqa: E402
+
+TINY = dict(d_model=32, n_layers=1, num_latents=4, d_z=32, max_context_bytes=96, max_answer_tokens=8)
+EVAL_SAMPLES = 32
+
+
+def warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """One training run: builds everything from args, resumes if asked, trains, checkpoints."""
+
+    def __init__(self, args):
+        self.args = args
+        self.rt = start()
+        self.log = setup_logging(args.save_dir, self.rt)
+        self.examples = load_examples(args.dataset, args.samples, seed=args.seed)
+        self.cfg = ModelConfig(compression=args.compression, **(TINY if args.tiny else {}))
+        torch.manual_seed(args.seed)  # identical initial weights on every rank
+        self.model = wrap(LatentWire(self.cfg), self.rt, args.fsdp)
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                     lr=args.lr, weight_decay=0.01)
+        self.sampler = ResumableSampler(len(self.examples), args.batch_size, self.rt.rank, self.rt.world_size,
+                                        seed=args.seed)
+        per_epoch = math.ceil(len(self.examples) / (args.batch_size * self.rt.world_size))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(args.warmup_steps,
+                                                                                 args.epochs * per_epoch))
+        seed_everything(args.seed * 1000 + self.rt.rank)  # dropout etc. differ per rank, reproducibly
+        self.rng = RNGState(self.rt.rank)
+        self.counters = {"epoch": 0, "global_step": 0, "samples_seen": 0, "best_metric": None,
+                         "batch_size": args.batch_size, "world_size": self.rt.world_size}
+        self.stats = {"steps": [], "evals": []}
+        self.manager = CheckpointManager(args.save_dir, save_interval=args.save_every,
+                                         keep_last_n=args.keep_last_n, config=vars(args), verbose=False)
+
+    # -- resume ---------------------------------------------------------------------------------
+    def resume(self) -> None:
+        a = self.args
+        path = a.resume_from
+        if a.auto_resume:
+            path = self.manager.find_latest_checkpoint()
+            if path is None:
+                self.log.info(f"No checkpoint found to resume in {a.save_dir}; starting fresh")
+                return
+        if path is None:
+            return
+        if a.reset_epoch and os.path.abspath(os.path.dirname(os.path.normpath(path))) == os.path.abspath(a.save_dir):
+            raise ValueError(f"--reset_epoch restarts step numbers, so its checkpoints would mix with those already "
+                             f"in --save_dir {a.save_dir}; pass a new --save_dir")
+        state = {"model": self.model}
+        if not a.no_load_optimizer:
+            state["optimizer"] = self.opt
+        if not (a.no_load_lr_scheduler or a.reset_epoch):
+            state["scheduler"] = self.sched
+        if not a.reset_epoch:
+            state.update(counters=None, sampler=self.sampler, rng=self.rng)  # counters=None: take the saved values
+        loaded = self.manager.load_checkpoint(path, state=state)
+        if "scheduler" in state and "optimizer" not in state:
+            for group, lr in zip(self.opt.param_groups, self.sched.get_last_lr()):
+                group["lr"] = lr  # a fresh optimizer starts at the restored schedule's LR
+        if a.reset_epoch:
+            self.log.info(f"Resuming from checkpoint: {path} (weights only; --reset_epoch restarts at step 0)")
+            return
+        saved = loaded["counters"]
+        self.counters.update(epoch=saved["epoch"], global_step=saved["global_step"],
+                             samples_seen=saved["samples_seen"], best_metric=saved["best_metric"])
+        if not self.rng.restored or saved["world_size"] != self.rt.world_size:
+            seed_everything(a.seed * 1000 + self.rt.rank + 7919 * saved["global_step"])
+            self.log.warning("World size changed: RNG streams are reseeded (data order stays exact)")
+        self._load_stats(path)
+        self.log.info(f"Resuming from checkpoint: {path} (step {saved['global_step']}, epoch {saved['epoch']})")
+        if (saved["batch_size"], saved["world_size"]) != (a.batch_size, self.rt.world_size):
+            self.log.info(f"Batch size {saved['batch_size']}x{saved['world_size']} ranks -> {a.batch_size}x"
+                          f"{self.rt.world_size} ranks: continuing epoch {saved['epoch']} at sample "
+                          f"{self.sampler.state_dict()['consumed']} of {len(self.examples)}; no sample is "
+                          "repeated or skipped")
+
+    def _load_stats(self, path: str) -> None:
+        try:
+            stats = storage.read_json(os.path.join(path, STATS_FILE))
+            self.stats = {"steps": list(stats["steps"]), "evals": list(stats["evals"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            self.log.warning(f"{path}/{STATS_FILE} unreadable; the metrics history restarts here")
+
+    # -- training -------------------------------------------------------------------------------
+    def train(self) -> int:
+        a, c = self.args, self.counters
+        if c["epoch"] >= a.epochs:
+            self.log.info(f"Training already complete at epoch {c['epoch']} (step {c['global_step']}); "
+                          "pass a larger --epochs to extend it")
+            return 0
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.rt.device.type == "cuda")
+        while c["epoch"] < a.epochs:
+            self.sampler.set_epoch(c["epoch"])
+            bar = tqdm(total=len(self.sampler), desc=f"epoch {c['epoch'] + 1}/{a.epochs}",
+                       disable=not self.rt.is_main, file=sys.stderr, mininterval=1.0)
+            for indices in self.sampler:
+                batch = collate([self.examples[i] for i in indices], self.cfg.max_context_bytes,
+                                self.cfg.max_answer_tokens)
+                with autocast:
+                    out = self.model(batch)
+                out["loss"].backward()
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                               a.grad_clip)
+                self.opt.step()
+                self.sched.step()
+                self.opt.zero_grad(set_to_none=True)
+                c["global_step"] += 1
+                c["samples_seen"] = c["epoch"] * len(self.examples) + self.sampler.state_dict()["consumed"]
+                self._trace(batch["ids"])
+                self.stats["steps"].append({"step": c["global_step"], "epoch": c["epoch"],
+                                            "loss": out["loss"].item(), "lr": self.sched.get_last_lr()[0]})
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.stats['steps'][-1]['loss']:.3f}")
+                if len(self.sampler) > 0 and self.manager.should_save(c["global_step"]):
+                    self.save("step")
+                if a.max_steps and c["global_step"] >= a.max_steps:
+                    bar.close()
+                    self.log.info(f"Stopping at --max_steps {a.max_steps} (no final checkpoint)")
+                    return 0
+            bar.close()
+            c["epoch"] += 1
+            self.sampler.set_epoch(c["epoch"])
+            metric = self.evaluate()
+            is_best = c["best_metric"] is None or metric < c["best_metric"]
+            c["best_metric"] = metric if is_best else c["best_metric"]
+            if c["epoch"] < a.epochs:
+                self.save("epoch", is_best=is_best, metrics={"eval_loss": metric})
+        self.save("final", metrics={"eval_loss": metric})
+        self.log.info(f"Training complete: {c['global_step']} steps, {c['epoch']} epochs, "
+                      f"best eval loss {c['best_metric']:.4f}")
+        return 0
+
+    def evaluate(self) -> float:
+        ev = self.examples[:EVAL_SAMPLES]
+        total = tokens = 0.0
+        for i in range(0, len(ev), 16):
+            batch = collate(ev[i:i + 16], self.cfg.max_context_bytes, self.cfg.max_answer_tokens)
+            r = (unwrap(self.model) if not self.args.fsdp else self.model).evaluate(batch)
+            total += r["llama_loss_sum"] + r["qwen_loss_sum"]
+            tokens += r["llama_tokens"] + r["qwen_tokens"]
+        metric = total / max(tokens, 1)
+        self.stats["evals"].append({"step": self.counters["global_step"], "epoch": self.counters["epoch"],
+                                    "eval_loss": metric})
+        self.log.info(f"epoch {self.counters['epoch']}: eval loss {metric:.4f}")
+        return metric
+
+    def save(self, kind: str, is_best: bool = False, metrics: dict | None = None) -> None:
+        c = self.counters
+        state = {"model": self.model, "optimizer": self.opt, "scheduler": self.sched,
+                 "sampler": self.sampler, "counters": dict(c), "rng": self.rng}
+        artifacts = trainable_state(self.model) if kind in ("epoch", "final") else None
+        path = self.manager.save_checkpoint(state, step=c["global_step"], epoch=c["epoch"], is_best=is_best,
+                                            extra_artifacts=artifacts, kind=kind, metrics=metrics,
+                                            best_metric=c["best_metric"], training_stats=self.stats)
+        self.log.info(f"Saved checkpoint: {path}")
+
+    def _trace(self, ids: torch.Tensor) -> None:
+        """LATENTWIRE_TRACE=FILE: append 'step rank id,id,...' per step (tests check sample coverage)."""
+        trace = os.environ.get("LATENTWIRE_TRACE")
+        if trace:
+            with open(f"{trace}.rank{self.rt.rank}", "a") as f:
+                f.write(f"{self.counters['global_step']} {self.rt.rank} {','.join(map(str, ids.tolist()))}\n")
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        trainer = Trainer(args)
+        trainer.resume()
+    except (ValueError, FileNotFoundError) as e:  # bad input: one sentence, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

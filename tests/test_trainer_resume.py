@@ -1,0 +1,29 @@
+"""The trainer's promise: killed with SIGKILL mid-epoch and resumed with --auto_resume, a run ends
+bit-identical to one that never stopped (model, optimizer, scheduler, data position, counters)."""
+import pytest
+from conftest import assert_same
+from trainer_runs import BASE, final_state, launcher, train, train_until_killed
+
+COMPARED = ("model", "optimizer", "scheduler", "sampler", "counters")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,kind", [(1, "python"), (2, "torchrun")])
+def test_kill9_mid_epoch_then_auto_resume_is_bit_identical(tmp_path, nproc, kind, checker):
+    cmd = launcher(nproc, kind)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    train(cmd, *BASE, "--save_dir", ref)
+    # 48 samples / (4 x nproc) per step: step_3 is mid-epoch at either world size.
+    out = train_until_killed(cmd, *BASE, "--save_dir", run, kill_after=f"Saved checkpoint: {run}/step_3")
+    assert "Training complete" not in out
+    resumed = train(cmd, *BASE, "--save_dir", run, "--auto_resume").stdout
+    assert f"Resuming from checkpoint: {run}/step_" in resumed
+
+    (a, meta_a), (b, meta_b) = final_state(ref), final_state(run)
+    assert meta_a["kind"] == meta_b["kind"] == "final" and meta_a["step"] == meta_b["step"]
+    for key in COMPARED:
+        assert_same(a[key], b[key], key)
+    assert a["counters"]["epoch"] == 2 and a["counters"]["world_size"] == nproc
+    assert checker(run).returncode == 0
+    log = (run / "logs" / "train.log").read_text()
+    assert log.count("Resuming from checkpoint:") == 1 and log.count("Training complete") == 1
