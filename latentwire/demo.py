@@ -1,11 +1,14 @@
-"""The main job until the trainer lands: train, get killed with SIGKILL mid-run, resume, check exactness.
+"""The main job: train LatentWire, kill it with SIGKILL mid-epoch, resume, and check the resume was exact.
 
-    python -m latentwire.demo [--save_dir runs/demo] [--steps 30] [--kill_at 17]
+    python -m latentwire.demo [--save_dir runs/demo] [--nproc 2] [-- extra train.py flags]
 
-Runs the same tiny training twice in child processes: once uninterrupted, once killed with a real
-SIGKILL after step --kill_at and resumed from the latest complete checkpoint. Exits 0 only when the
-resumed run's final weights and optimizer state are bit-identical to the uninterrupted run's.
+Runs latentwire/train.py three times in child processes: once uninterrupted; once killed with a real
+SIGKILL right after its first mid-epoch checkpoint; once more with --auto_resume. Exits 0 only when the
+resumed run's final model, optimizer, scheduler, data position and counters are bit-identical to the
+uninterrupted run's.
 """
+from __future__ import annotations
+
 import argparse
 import os
 import shutil
@@ -17,65 +20,88 @@ import torch
 
 from dcp_resume import CheckpointManager
 
-
-def _training(save_dir: str, steps: int, kill_at: int | None) -> None:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    mgr = CheckpointManager(save_dir, save_interval=5, keep_last_n=2)
-    state = {"model": model, "optimizer": opt, "scheduler": sched, "step": 0, "rng": torch.get_rng_state()}
-    if mgr.find_latest_checkpoint():
-        got = mgr.load_checkpoint(state=state)
-        torch.set_rng_state(got["rng"])
-        state["step"] = got["step"]
-        print(f"Resuming from checkpoint: {mgr.find_latest_checkpoint()} (step {got['step']})", flush=True)
-    for step in range(state["step"] + 1, steps + 1):
-        model(torch.randn(16, 32)).pow(2).mean().backward()
-        opt.step(), sched.step(), opt.zero_grad()
-        if mgr.should_save(step) or step == steps:
-            state.update(step=step, rng=torch.get_rng_state())
-            mgr.save_checkpoint(state, step=step, kind="final" if step == steps else "step")
-        if step == kill_at:
-            print(f"demo: killing myself with SIGKILL after step {step}", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-    mgr.close()
+TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+COMPARED = ("model", "optimizer", "scheduler", "sampler", "counters")
 
 
-def _child(save_dir: str, steps: int, kill_at: int | None) -> int:
-    args = [sys.executable, "-m", "latentwire.demo", "--child", "--save_dir", save_dir, "--steps", str(steps)]
-    return subprocess.call(args + ["--kill_at", str(kill_at or 0)])
+def command(nproc: int) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, TRAIN]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), TRAIN]
 
 
-def main() -> int:
+def run_until_killed(cmd: list[str], kill_after: str, env: dict | None = None, echo: bool = False) -> str:
+    """Start cmd in its own process group; SIGKILL the whole group (launcher and workers) once its output
+    shows `kill_after`. Returns the output up to then; raises if the run ended first."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if echo:
+                print(line, end="")
+            if kill_after in line:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        else:
+            raise RuntimeError(f"run ended before printing {kill_after!r}:\n{''.join(seen)[-4000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return "".join(seen)
+
+
+def final_state(save_dir: str) -> tuple[dict, dict]:
+    """Everything in the latest complete checkpoint, read back from its state/, and its metadata."""
+    mgr = CheckpointManager(save_dir, verbose=False)
+    return mgr.load_checkpoint(), mgr.loaded_metadata
+
+
+def differences(a, b, path: str = "") -> list[str]:
+    """Paths where two loaded states differ (tensors compared bit for bit)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype \
+            and torch.equal(a, b)
+        return [] if same else [path]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{path} (keys)"]
+        return [d for k in a for d in differences(a[k], b[k], f"{path}.{k}" if path else str(k))]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [path]
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--save_dir", default="runs/demo")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--kill_at", type=int, default=17, help="0: never")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.child:
-        _training(a.save_dir, a.steps, a.kill_at)
-        return 0
+    p.add_argument("--nproc", type=int, default=1, help="ranks (torchrun) for each run")
+    p.add_argument("train_args", nargs="*", help="extra flags for train.py (after --)")
+    a = p.parse_args(argv)
+    flags = ["--samples", "100", "--epochs", "2", "--batch_size", "8", "--save_every", "5", *a.train_args]
     ref, run = os.path.join(a.save_dir, "uninterrupted"), os.path.join(a.save_dir, "interrupted")
     shutil.rmtree(a.save_dir, ignore_errors=True)
-    assert _child(ref, a.steps, None) == 0
-    code = _child(run, a.steps, a.kill_at)
-    print(f"demo: first attempt exited with {code} (-9 = SIGKILL); resuming")
-    assert _child(run, a.steps, None) == 0
-    final = [CheckpointManager(d, verbose=False).load_checkpoint() for d in (ref, run)]
-    same = all(torch.equal(x, y) for k in ("model", "optimizer") for x, y in
-               zip(_tensors(final[0][k]), _tensors(final[1][k])))
-    print("demo: resume was EXACT (bit-identical model and optimizer)" if same else "demo: resume DIFFERS")
-    return 0 if same else 1
+    cmd = command(a.nproc)
 
+    print(f"== 1/3 uninterrupted run -> {ref}", flush=True)
+    subprocess.run(cmd + flags + ["--save_dir", ref], check=True)
+    print(f"== 2/3 the same run, killed with SIGKILL after its first checkpoint -> {run}", flush=True)
+    run_until_killed(cmd + flags + ["--save_dir", run], kill_after=f"Saved checkpoint: {run}/step_5", echo=True)
+    print("== killed (SIGKILL). On disk now:", flush=True)
+    subprocess.run([sys.executable, "-m", "dcp_resume.cli", "ls", run], check=False)
+    print("== 3/3 rerun with --auto_resume", flush=True)
+    subprocess.run(cmd + flags + ["--save_dir", run, "--auto_resume"], check=True)
 
-def _tensors(tree):
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for k in sorted(tree):
-            yield from _tensors(tree[k])
+    (a_state, a_meta), (b_state, b_meta) = final_state(ref), final_state(run)
+    diff = [d for key in COMPARED for d in differences(a_state[key], b_state[key], key)]
+    if diff or a_meta["step"] != b_meta["step"]:
+        print(f"demo: resume DIFFERS from the uninterrupted run at: {', '.join(diff[:10]) or 'step'}")
+        return 1
+    print(f"demo: resume was EXACT: final step {b_meta['step']}, model/optimizer/scheduler/data position/"
+          "counters bit-identical to the uninterrupted run")
+    return 0
 
 
 if __name__ == "__main__":

@@ -196,11 +196,12 @@ class Trainer:
         self.log.info(f"Saved checkpoint: {path}")
 
     def _trace(self, ids: torch.Tensor) -> None:
-        """LATENTWIRE_TRACE=FILE: append 'step rank id,id,...' per step (tests check sample coverage)."""
+        """LATENTWIRE_TRACE=FILE: append 'epoch step rank id,id,...' per step (tests check sample coverage)."""
         trace = os.environ.get("LATENTWIRE_TRACE")
         if trace:
             with open(f"{trace}.rank{self.rt.rank}", "a") as f:
-                f.write(f"{self.counters['global_step']} {self.rt.rank} {','.join(map(str, ids.tolist()))}\n")
+                c = self.counters
+                f.write(f"{c['epoch']} {c['global_step']} {self.rt.rank} {','.join(map(str, ids.tolist()))}\n")
 
     def close(self) -> None:
         self.manager.close()

@@ -4,7 +4,7 @@ import pytest
 from conftest import assert_same
 from trainer_runs import BASE, final_state, launcher, train, train_until_killed
 
-COMPARED = ("model", "optimizer", "scheduler", "sampler", "counters")
+from latentwire.demo import COMPARED
 
 
 @pytest.mark.slow

@@ -1,14 +1,12 @@
 """Helpers to run latentwire/train.py for real (python, torchrun, accelerate) and kill it with SIGKILL."""
 import os
-import signal
 import subprocess
 import sys
 
 from conftest import ROOT, _free_port
 
-from dcp_resume import CheckpointManager
+from latentwire.demo import TRAIN, final_state, run_until_killed  # noqa: F401  (re-exported for tests)
 
-TRAIN = os.path.join(ROOT, "latentwire", "train.py")
 BASE = ["--tiny", "--samples", "48", "--batch_size", "4", "--save_every", "3", "--epochs", "2"]
 
 
@@ -35,30 +33,6 @@ def train(cmd: list[str], *args, timeout=300, extra_env=None) -> subprocess.Comp
     return proc
 
 
-def train_until_killed(cmd: list[str], *args, kill_after: str, timeout=300, extra_env=None) -> str:
-    """Start a run in its own process group and SIGKILL the whole group (launcher and workers) as soon
-    as stdout shows `kill_after` (e.g. 'Saved checkpoint: .../step_6'). Returns the output so far."""
-    proc = subprocess.Popen(cmd + list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env(**(extra_env or {})), cwd=ROOT, start_new_session=True)
-    seen = []
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            if kill_after in line:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-        else:
-            raise AssertionError(f"run ended before printing {kill_after!r}:\n{''.join(seen)[-4000:]}")
-        proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.returncode
-    return "".join(seen)
-
-
-def final_state(save_dir) -> dict:
-    """Everything in the latest checkpoint, read back from its state/ (single process)."""
-    mgr = CheckpointManager(save_dir, verbose=False)
-    return mgr.load_checkpoint(), mgr.loaded_metadata
+def train_until_killed(cmd: list[str], *args, kill_after: str, extra_env=None) -> str:
+    """Run until stdout shows `kill_after`, then SIGKILL launcher and workers; returns the output so far."""
+    return run_until_killed(cmd + list(map(str, args)), kill_after, env=env(**(extra_env or {})))

@@ -1,0 +1,173 @@
+"""The seed guide's MAIN_EXPERIMENT side: ExperimentCheckpointer in-process, and
+latentwire/main_experiment.py run for real (killed with SIGKILL, resumed with --resume)."""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+
+import pytest
+from common import full_state, make_training, train_steps
+from conftest import ROOT, assert_same, run
+from trainer_runs import train_until_killed
+
+from dcp_resume import ExperimentCheckpointer
+
+MAIN = [sys.executable, os.path.join(ROOT, "latentwire", "main_experiment.py")]
+FLAGS = ["--tiny", "--samples", "60", "--epochs", "2", "--batch-size", "4", "--save-interval", "3",
+         "--compression-type", "linear"]
+
+
+# -- ExperimentCheckpointer ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Config:
+    save_dir: str
+    save_interval: int = 5
+    keep_last_n: int = 2
+    verbose: bool = False
+    lr: float = 0.01
+
+
+def make_config(kind, save_dir):
+    fields = dict(save_dir=str(save_dir), save_interval=5, keep_last_n=2, verbose=False, lr=0.01)
+    if kind == "dict":
+        return fields
+    if kind == "dataclass":
+        return Config(**fields)
+    return argparse.Namespace(**fields)
+
+
+@pytest.mark.parametrize("kind", ["dict", "dataclass", "namespace"])
+def test_checkpointer_save_then_resume_is_exact(tmp_path, kind):
+    save_dir = tmp_path / "ckpt"
+    ckpt = ExperimentCheckpointer(make_config(kind, save_dir))
+    assert (ckpt.manager.save_dir, ckpt.manager.save_interval, ckpt.manager.keep_last_n) == (str(save_dir), 5, 2)
+    model, opt, sched = make_training(seed=0)
+    train_steps(model, opt, sched, 3)
+    path = ckpt.save_training_state(model, opt, sched, epoch=1, step=3, metrics={"loss": 0.25}, best_metric=0.25)
+    ckpt.close()
+    assert path == os.path.join(str(save_dir), "step_3")
+    config = json.loads((save_dir / "step_3" / "config.json").read_text())
+    assert config["save_dir"] == str(save_dir) and config["lr"] == 0.01  # the whole config is recorded
+
+    model2, opt2, sched2 = make_training(seed=1)  # other initial weights: the restore must overwrite them
+    assert "differs" in _mismatch(full_state(model, opt), full_state(model2, opt2))
+    again = ExperimentCheckpointer(make_config(kind, save_dir))
+    assert again.resume_training(model2, opt2, sched2) == (1, 3, 0.25, {"loss": 0.25})
+    again.close()
+    assert_same(full_state(model, opt), full_state(model2, opt2))
+    assert sched2.last_epoch == sched.last_epoch == 3 and sched2.get_last_lr() == sched.get_last_lr()
+    # ... and training goes on identically from there (moments, step counts and LR all restored)
+    train_steps(model, opt, sched, 2, seed=5)
+    train_steps(model2, opt2, sched2, 2, seed=5)
+    assert_same(full_state(model, opt), full_state(model2, opt2))
+
+
+def _mismatch(a, b):
+    try:
+        assert_same(a, b)
+    except AssertionError as e:
+        return str(e)
+    return ""
+
+
+@pytest.mark.parametrize("config", [{}, {"save_dir": ""}, argparse.Namespace(save_dir=None, lr=1.0),
+                                    dataclasses.make_dataclass("NoDir", [("lr", float, 1.0)])()],
+                         ids=["dict", "empty", "namespace", "dataclass"])
+def test_checkpointer_without_save_dir_is_a_value_error_naming_it(config):
+    with pytest.raises(ValueError, match="save_dir"):
+        ExperimentCheckpointer(config)
+
+
+def test_checkpointer_with_nothing_to_resume_returns_zeros_and_touches_nothing(tmp_path):
+    save_dir = tmp_path / "empty"
+    ckpt = ExperimentCheckpointer({"save_dir": str(save_dir), "verbose": False})
+    model, opt, sched = make_training(seed=0)
+    before = full_state(model, opt)
+    assert ckpt.resume_training(model, opt, sched) == (0, 0, None, {})
+    ckpt.close()
+    assert_same(before, full_state(model, opt))
+    assert sched.last_epoch == 0
+    assert not save_dir.exists()
+
+
+# -- latentwire/main_experiment.py --------------------------------------------------------------------
+
+def experiment(*args, check=True):
+    return run(MAIN + list(map(str, args)), check=check)
+
+
+def results(save_dir):
+    return json.loads((save_dir / "results.json").read_text())
+
+
+def snapshot(d):
+    """Every file under d with its bytes: what 'left untouched' compares."""
+    return {os.path.relpath(os.path.join(r, f), d): open(os.path.join(r, f), "rb").read()
+            for r, _, files in os.walk(d) for f in files}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("exp") / "uninterrupted"
+    out = experiment(*FLAGS, "--save-dir", save_dir).stdout
+    return save_dir, out
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """Killed with SIGKILL right after its step_6 checkpoint, then rerun with --resume."""
+    save_dir = tmp_path_factory.mktemp("exp") / "interrupted"
+    killed = train_until_killed(MAIN, *FLAGS, "--save-dir", save_dir,
+                                kill_after=f"Saved checkpoint: {save_dir}/step_6")
+    assert "phase train" in killed and "phase evaluate" not in killed
+    assert not (save_dir / "results.json").exists()
+    resumed = experiment(*FLAGS, "--save-dir", save_dir, "--resume").stdout
+    return save_dir, resumed
+
+
+def test_uninterrupted_run_writes_results_for_both_lms(reference):
+    save_dir, out = reference
+    r = results(save_dir)
+    assert r["compression_type"] == "linear" and r["epochs"] == 2 and r["eval_examples"] == 12  # last 20% of 60
+    assert set(r["lms"]) == {"llama", "qwen"}
+    for lm in r["lms"].values():
+        assert math.isfinite(lm["loss"]) and lm["loss"] > 0 and 0.0 <= lm["accuracy"] <= 1.0 and lm["tokens"] > 0
+    # 48 training examples / batch 4 = 12 steps per epoch; every 3rd step, none at an epoch's last step
+    # (the next save covers it), and the final one at step 24.
+    saved = re.findall(r"^Saved checkpoint: (.*)$", out, re.M)
+    assert saved == [f"{save_dir}/step_{s}" for s in (3, 6, 9, 15, 18, 21, 24)]
+    assert out.index("phase train") < out.index("phase evaluate") < out.index(f"Wrote {save_dir}/results.json")
+
+
+def test_kill9_then_resume_writes_the_same_results(reference, interrupted):
+    save_dir, resumed = interrupted
+    m = re.search(rf"^Resuming from checkpoint: {re.escape(str(save_dir))}/step_(\d+) \(step (\d+), epoch 0\)$",
+                  resumed, re.M)
+    assert m and m.group(1) == m.group(2) and 6 <= int(m.group(1)) < 12, resumed
+    assert "phase train\n" in resumed
+    assert results(save_dir) == results(reference[0])
+
+
+def test_resume_after_everything_finished_does_nothing(interrupted):
+    save_dir, _ = interrupted
+    before = snapshot(save_dir)
+    proc = experiment(*FLAGS, "--save-dir", save_dir, "--resume")
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"All phases done: {save_dir}/results.json"
+    assert snapshot(save_dir) == before
+
+
+@pytest.mark.parametrize("variant", ["telepathy", "meanpool"])
+def test_variants_run_and_no_checkpoints_saves_none(tmp_path, variant):
+    save_dir = tmp_path / variant
+    out = experiment("--tiny", "--samples", "20", "--epochs", "1", "--batch-size", "4", "--save-interval", "1",
+                     "--compression-type", variant, "--no-checkpoints", "--save-dir", save_dir).stdout
+    r = results(save_dir)
+    assert r["compression_type"] == variant and set(r["lms"]) == {"llama", "qwen"}
+    assert all(math.isfinite(lm["loss"]) for lm in r["lms"].values())
+    assert "Saved checkpoint" not in out
+    assert sorted(os.listdir(save_dir)) == ["results.json"]  # --save-interval 1 would have saved every step
