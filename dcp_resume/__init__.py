@@ -10,6 +10,7 @@ from .errors import (  # noqa: E402
 )
 from .experiment import ExperimentCheckpointer  # noqa: E402
 from .manager import CheckpointManager  # noqa: E402
+from .preemption import PREEMPTED_EXIT_CODE  # noqa: E402
 
-__all__ = ["CheckpointManager", "ExperimentCheckpointer", "CheckpointExistsError", "CheckpointMismatchError", "CheckpointNotFoundError",
+__all__ = ["CheckpointManager", "PREEMPTED_EXIT_CODE", "ExperimentCheckpointer", "CheckpointExistsError", "CheckpointMismatchError", "CheckpointNotFoundError",
            "CheckpointSaveError", "IncompleteCheckpointError", "__version__"]

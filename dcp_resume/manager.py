@@ -16,6 +16,7 @@ from .errors import (
 )
 from .logs import configure as configure_logging
 from .logs import logger
+from .preemption import DEFAULT_SIGNALS, PreemptionHandler, agree
 from .retention import plan_removals, validate_keep_last_n
 
 
@@ -34,17 +35,26 @@ def _as_dict(config: Any) -> dict[str, Any]:
     raise TypeError(f"config must be a dict, dataclass or namespace, got {type(config).__name__}")
 
 
+def _signal_name(signum: int | None) -> str:
+    import signal
+
+    return signal.Signals(signum).name if signum else "another rank"
+
+
 class CheckpointManager:
     """Saves and restores training state under save_dir (see ../shared/DESIGN.md for the format).
 
-    Every call that saves or loads is collective: call it on every rank. Preemption handling
-    (`enable_preemption_handling`) is accepted and recorded; the signal handling itself is pending
-    (issue 4) and installs nothing yet.
+    Every call that saves or loads is collective: call it on every rank. With
+    `enable_preemption_handling`, SIGTERM/SIGUSR1/SIGINT (or `preemption_signals`) only set a flag;
+    `should_save(step)` (then collective too: call it every step on every rank) agrees on it across
+    ranks and returns True, with `self.preempted` set: save with kind="preemption" and exit with
+    PREEMPTED_EXIT_CODE (143). Handlers are restored by `close()`.
     """
 
     def __init__(self, save_dir: str | os.PathLike, save_interval: int = 100, keep_last_n: int | None = 3,
                  enable_preemption_handling: bool = True, verbose: bool = True, *,
-                 config: Any = None, keep_best: bool = True, collective_timeout_s: float = 600.0):
+                 config: Any = None, keep_best: bool = True, collective_timeout_s: float = 600.0,
+                 preemption_signals=DEFAULT_SIGNALS):
         if save_dir is None or str(save_dir) == "":
             raise ValueError("save_dir is empty; pass the directory that holds (or will hold) checkpoints")
         validate_keep_last_n(keep_last_n)
@@ -61,12 +71,22 @@ class CheckpointManager:
         self.loaded_metadata: dict[str, Any] | None = None
         self._group = CommitGroup(collective_timeout_s)
         self._cleaned_at_start = False
+        self.preempted = False
+        self._preemption = PreemptionHandler(preemption_signals) if enable_preemption_handling else None
+        if self._preemption is not None:
+            self._preemption.install()
         configure_logging(verbose)
 
     # -- the seed guide's API ---------------------------------------------------------------------
     def should_save(self, step: int, force: bool = False) -> bool:
-        """The one place that decides whether a periodic save happens at `step`."""
-        if force:
+        """The one place that decides whether a save happens at `step`: forced, periodic, or because a
+        preemption signal reached any rank (then `self.preempted` is True on every rank)."""
+        if self._preemption is not None and not self.preempted:
+            self.preempted = agree(self._preemption.requested, self._group.group)
+            if self.preempted:
+                logger.warning("Preemption signal received (%s): saving a preemption checkpoint at step %s",
+                               _signal_name(self._preemption.received), step)
+        if force or self.preempted:
             return True
         return bool(self.save_interval) and step > 0 and step % self.save_interval == 0
 
@@ -142,6 +162,10 @@ class CheckpointManager:
 
     def close(self) -> None:
         self.wait()
+        # After a preemption the process is on its way out with 143: keep the flag handlers, so a
+        # launcher's follow-up SIGTERM (torchrun terminates the other workers) cannot turn it into a kill.
+        if self._preemption is not None and not self.preempted:
+            self._preemption.restore()
         self._group.close()
 
     def __enter__(self) -> "CheckpointManager":

@@ -55,7 +55,7 @@ def run_until_killed(cmd: list[str], kill_after: str, env: dict | None = None, e
 
 def final_state(save_dir: str) -> tuple[dict, dict]:
     """Everything in the latest complete checkpoint, read back from its state/, and its metadata."""
-    mgr = CheckpointManager(save_dir, verbose=False)
+    mgr = CheckpointManager(save_dir, verbose=False, enable_preemption_handling=False)
     return mgr.load_checkpoint(), mgr.loaded_metadata
 
 

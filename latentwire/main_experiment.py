@@ -20,7 +20,8 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from dcp_resume import ExperimentCheckpointer, storage  # noqa: E402
+from dcp_resume import PREEMPTED_EXIT_CODE, ExperimentCheckpointer, storage  # noqa: E402
+from dcp_resume.preemption import exit_preempted  # noqa: E402
 from dcp_resume.rng import RNGState  # noqa: E402
 from dcp_resume.sampler import ResumableSampler  # noqa: E402
 from latentwire.data import collate, load_examples  # noqa: E402
@@ -91,7 +92,8 @@ class Experiment:
                 print(f"Resuming from checkpoint: {path} (step {step}, epoch {epoch})")
         if epoch < a.epochs:
             print("phase train")
-            self.train(epoch, step)
+            if self.train(epoch, step) == PREEMPTED_EXIT_CODE:
+                return PREEMPTED_EXIT_CODE
         else:
             print("phase train: already finished, skipped")
         print("phase evaluate")
@@ -102,7 +104,7 @@ class Experiment:
                                                           for k, v in results["lms"].items()))
         return 0
 
-    def train(self, epoch: int, step: int) -> None:
+    def train(self, epoch: int, step: int) -> int:
         a = self.args
         while epoch < a.epochs:
             self.sampler.set_epoch(epoch)
@@ -115,12 +117,18 @@ class Experiment:
                 self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
                 step += 1
-                if self.ckpt and len(self.sampler) > 0 and step % a.save_interval == 0:
-                    self._save(epoch, step, "step")
+                if self.ckpt and self.ckpt.manager.should_save(step):  # every step: agrees on preemption
+                    if self.ckpt.manager.preempted:
+                        self._save(epoch, step, "preemption")
+                        print(f"Preempted at step {step}: exiting with {PREEMPTED_EXIT_CODE}; rerun with --resume")
+                        return PREEMPTED_EXIT_CODE
+                    if len(self.sampler) > 0:
+                        self._save(epoch, step, "step")
             epoch += 1
             self.sampler.set_epoch(epoch)
         if self.ckpt:
             self._save(epoch, step, "final")
+        return 0
 
     def _save(self, epoch: int, step: int, kind: str) -> None:
         path = self.ckpt.save_training_state(self.model, self.opt, self.sched, epoch, step, kind=kind,
@@ -153,10 +161,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        return exp.run()
+        code = exp.run()
     finally:
         if exp.ckpt:
             exp.ckpt.close()
+    if code == PREEMPTED_EXIT_CODE:
+        exit_preempted()
+    return code
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dcp_resume import CheckpointManager, storage  # noqa: E402
+from dcp_resume import PREEMPTED_EXIT_CODE, CheckpointManager, storage  # noqa: E402
 from dcp_resume.layout import STATS_FILE  # noqa: E402
+from dcp_resume.preemption import exit_preempted  # noqa: E402
 from dcp_resume.rng import RNGState  # noqa: E402
 from dcp_resume.sampler import ResumableSampler  # noqa: E402
 from latentwire.args import parse_args  # noqa: E402
@@ -95,9 +96,11 @@ class Trainer:
         if not a.reset_epoch:
             state.update(counters=None, sampler=self.sampler, rng=self.rng)  # counters=None: take the saved values
         loaded = self.manager.load_checkpoint(path, state=state)
-        if "scheduler" in state and "optimizer" not in state:
+        if ("scheduler" in state) != ("optimizer" in state):
+            # One of the two is fresh: the optimizer steps at the schedule's LR (a fresh optimizer at the
+            # restored schedule's; a restored optimizer, which carries the saved LR, at the fresh schedule's).
             for group, lr in zip(self.opt.param_groups, self.sched.get_last_lr()):
-                group["lr"] = lr  # a fresh optimizer starts at the restored schedule's LR
+                group["lr"] = lr
         if a.reset_epoch:
             self.log.info(f"Resuming from checkpoint: {path} (weights only; --reset_epoch restarts at step 0)")
             return
@@ -152,7 +155,14 @@ class Trainer:
                                             "loss": out["loss"].item(), "lr": self.sched.get_last_lr()[0]})
                 bar.update(1)
                 bar.set_postfix(loss=f"{self.stats['steps'][-1]['loss']:.3f}")
-                if len(self.sampler) > 0 and self.manager.should_save(c["global_step"]):
+                due = self.manager.should_save(c["global_step"])  # every step: ranks agree on preemption
+                if self.manager.preempted:
+                    bar.close()
+                    self.save("preemption")
+                    self.log.info(f"Preempted at step {c['global_step']}: exiting with {PREEMPTED_EXIT_CODE}; "
+                                  "rerun with --auto_resume to continue")
+                    return PREEMPTED_EXIT_CODE
+                if due and len(self.sampler) > 0:
                     self.save("step")
                 if a.max_steps and c["global_step"] >= a.max_steps:
                     bar.close()
@@ -216,9 +226,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        return trainer.train()
+        code = trainer.train()
     finally:
         trainer.close()
+    if code == PREEMPTED_EXIT_CODE:
+        exit_preempted()
+    return code
 
 
 if __name__ == "__main__":

@@ -8,15 +8,17 @@ from latentwire.demo import COMPARED
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,kind", [(1, "python"), (2, "torchrun")])
-def test_kill9_mid_epoch_then_auto_resume_is_bit_identical(tmp_path, nproc, kind, checker):
+@pytest.mark.parametrize("nproc,kind,extra", [(1, "python", []), (2, "torchrun", []), (2, "torchrun", ["--fsdp"])],
+                         ids=["python", "torchrun_ddp", "torchrun_fsdp2"])
+def test_kill9_mid_epoch_then_auto_resume_is_bit_identical(tmp_path, nproc, kind, extra, checker):
     cmd = launcher(nproc, kind)
+    flags = BASE + extra
     ref, run = tmp_path / "ref", tmp_path / "run"
-    train(cmd, *BASE, "--save_dir", ref)
+    train(cmd, *flags, "--save_dir", ref)
     # 48 samples / (4 x nproc) per step: step_3 is mid-epoch at either world size.
-    out = train_until_killed(cmd, *BASE, "--save_dir", run, kill_after=f"Saved checkpoint: {run}/step_3")
+    out = train_until_killed(cmd, *flags, "--save_dir", run, kill_after=f"Saved checkpoint: {run}/step_3")
     assert "Training complete" not in out
-    resumed = train(cmd, *BASE, "--save_dir", run, "--auto_resume").stdout
+    resumed = train(cmd, *flags, "--save_dir", run, "--auto_resume").stdout
     assert f"Resuming from checkpoint: {run}/step_" in resumed
 
     (a, meta_a), (b, meta_b) = final_state(ref), final_state(run)

@@ -1,0 +1,67 @@
+"""Real signals: SIGTERM/SIGUSR1/SIGINT lead every rank to one agreed `preemption` checkpoint, exit 143,
+and --auto_resume ends bit-identical to an uninterrupted run."""
+import glob
+import json
+import signal
+
+import pytest
+from conftest import assert_same
+from trainer_runs import BASE, final_state, launcher, train, train_and_signal
+
+from dcp_resume import PREEMPTED_EXIT_CODE, CheckpointManager
+from latentwire.demo import COMPARED
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    ref = tmp_path_factory.mktemp("ref")
+    train(launcher(2, "torchrun"), *BASE, "--save_dir", ref)
+    return final_state(ref)[0]
+
+
+def _last_step_per_rank(trace):
+    return {path[-1]: max(int(line.split()[1]) for line in open(path)) for path in glob.glob(f"{trace}.rank*")}
+
+
+def _preempted(save_dir, sig, target, trace):
+    code, out = train_and_signal(launcher(2, "torchrun"), *BASE, "--save_dir", save_dir, sig=sig, target=target,
+                                 after=f"Saved checkpoint: {save_dir}/step_3",
+                                 extra_env={"LATENTWIRE_TRACE": trace})
+    assert code != 0 and "Preempted at step" in out, out[-3000:]
+    kinds = {p: json.load(open(f"{p}/metadata.json"))["kind"] for p in glob.glob(f"{save_dir}/step_*")}
+    preemption = [p for p, kind in kinds.items() if kind == "preemption"]
+    assert len(preemption) == 1, kinds
+    mgr = CheckpointManager(save_dir, verbose=False, enable_preemption_handling=False)
+    state = mgr.load_checkpoint(preemption[0])
+    step = mgr.loaded_metadata["step"]
+    assert _last_step_per_rank(trace) == {"0": step, "1": step}  # both ranks stopped at the agreed step
+    assert set(state["rng"]) == {"rank0", "rank1"} and state["counters"]["global_step"] == step
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,target", [(signal.SIGTERM, "workers"), (signal.SIGTERM, "launcher"),
+                                        (signal.SIGINT, "group")],
+                         ids=["sigterm_every_worker", "sigterm_torchrun_only", "sigint_process_group"])
+def test_signal_saves_agreed_checkpoint_and_resume_is_exact(tmp_path, reference, sig, target):
+    save_dir = tmp_path / "run"
+    out = _preempted(save_dir, sig, target, str(tmp_path / "trace"))
+    if target == "workers":
+        assert out.count(f"exitcode  : {PREEMPTED_EXIT_CODE}") == 2, out[-3000:]
+    train(launcher(2, "torchrun"), *BASE, "--save_dir", save_dir, "--auto_resume")
+    resumed = final_state(save_dir)[0]
+    for key in COMPARED:
+        assert_same(reference[key], resumed[key], key)
+
+
+@pytest.mark.slow
+def test_signal_to_one_rank_still_gives_one_agreed_checkpoint(tmp_path):
+    _preempted(tmp_path / "run", signal.SIGUSR1, "rank0", str(tmp_path / "trace"))
+
+
+def test_single_process_sigterm_exits_143_with_preemption_checkpoint(tmp_path):
+    code, out = train_and_signal(launcher(1, "python"), *BASE, "--save_dir", tmp_path, sig=signal.SIGTERM,
+                                 target="launcher", after=f"Saved checkpoint: {tmp_path}/step_3")
+    assert code == PREEMPTED_EXIT_CODE, out[-2000:]
+    state, meta = final_state(tmp_path)
+    assert meta["kind"] == "preemption" and f"Preempted at step {meta['step']}: exiting with 143" in out
