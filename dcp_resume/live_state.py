@@ -105,14 +105,17 @@ def split(state: dict[str, Any]) -> LiveState:
     return live
 
 
+def _model_and_optimizer_state(live: LiveState) -> dict[str, Any]:
+    """Models and optimizers through torch.distributed.checkpoint.state_dict (plain FQNs, DTensor shards)."""
+    out = {key: get_model_state_dict(module) for key, module in live.modules.items()}
+    out.update({key: get_optimizer_state_dict(module, opt) for key, (opt, module) in live.optimizers.items()})
+    return out
+
+
 def to_save(state: dict[str, Any]) -> dict[str, Any]:
     """The nested dict handed to dcp.save."""
     live = split(state)
-    out: dict[str, Any] = {}
-    for key, module in live.modules.items():
-        out[key] = get_model_state_dict(module)
-    for key, (opt, module) in live.optimizers.items():
-        out[key] = get_optimizer_state_dict(module, opt)
+    out = _model_and_optimizer_state(live)
     for key, obj in live.statefuls.items():
         out[key] = obj.state_dict()
     out.update(live.plain)
@@ -149,11 +152,7 @@ def build_template(live: LiveState, meta: Metadata, map_location) -> dict[str, A
     for fqn, path in paths.items():
         saved_by_top.setdefault(path[0], {})[fqn] = meta.state_dict_metadata[fqn]
 
-    template: dict[str, Any] = {}
-    for key, module in live.modules.items():
-        template[key] = get_model_state_dict(module)
-    for key, (opt, module) in live.optimizers.items():
-        template[key] = get_optimizer_state_dict(module, opt)
+    template = _model_and_optimizer_state(live)
     for key, value in live.plain.items():
         if _has_tensor(value):
             template[key] = value  # a dict of tensors: loaded in place, like plain DCP
