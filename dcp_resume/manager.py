@@ -1,9 +1,12 @@
 """CheckpointManager: the seed guide's API on top of sharded DCP checkpoints with a rank-0 commit."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
+
+from torch.distributed.checkpoint import CheckpointException
 
 from . import artifacts as artifacts_mod
 from . import dcp_io, layout, live_state, storage
@@ -82,7 +85,8 @@ class CheckpointManager:
         """The one place that decides whether a save happens at `step`: forced, periodic, or because a
         preemption signal reached any rank (then `self.preempted` is True on every rank)."""
         if self._preemption is not None and not self.preempted:
-            self.preempted = agree(self._preemption.requested, self._group.group)
+            with self._failures_named(f"preemption agreement at step {step}"):
+                self.preempted = agree(self._preemption.requested, self._group.group)
             if self.preempted:
                 logger.warning("Preemption signal received (%s): saving a preemption checkpoint at step %s",
                                _signal_name(self._preemption.received), step)
@@ -108,14 +112,14 @@ class CheckpointManager:
         artifacts_mod.check(extra_artifacts)
         path = os.path.join(self.save_dir, layout.checkpoint_name(kind, step, epoch))
         state_dir = os.path.join(path, layout.STATE_DIR)
-        self._on_rank0_then_share(lambda: self._prepare_target(path))
-
-        payload = live_state.to_save(state)
-        extras = artifacts_mod.gather_full_tensors(extra_artifacts)
-        dcp_io.save(payload, state_dir, self._group.group)
-        mine = {f"{layout.STATE_DIR}/{n}": storage.file_info(os.path.join(state_dir, n))
-                for n in dcp_io.shard_files_of_rank(state_dir, rank())}
-        reported = self._group.gather(mine)
+        with self._failures_named(f"save of step {step} to {path}"):
+            self._on_rank0_then_share(lambda: self._prepare_target(path))
+            payload = live_state.to_save(state)
+            extras = artifacts_mod.gather_full_tensors(extra_artifacts)
+            dcp_io.save(payload, state_dir, self._group.group)
+            mine = {f"{layout.STATE_DIR}/{n}": storage.file_info(os.path.join(state_dir, n))
+                    for n in dcp_io.shard_files_of_rank(state_dir, rank())}
+            reported = self._group.gather(mine)
 
         if training_stats is None:
             self.history.append({"step": int(step), "epoch": int(epoch), "kind": kind, **(metrics or {})})
@@ -123,7 +127,8 @@ class CheckpointManager:
         commit = dict(step=step, epoch=epoch, kind=kind, is_best=is_best, metrics=metrics,
                       best_metric=best_metric, config=_as_dict(config) or self.config,
                       training_stats=training_stats, extras=extras)
-        self._on_rank0_then_share(lambda: self._commit(path, reported, **commit))
+        with self._failures_named(f"commit of step {step} to {path}"):
+            self._on_rank0_then_share(lambda: self._commit(path, reported, **commit))
 
         if rank() == 0:
             self._apply_retention(live=frozenset())
@@ -175,6 +180,21 @@ class CheckpointManager:
         self.close()
 
     # -- internals --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _failures_named(self, what: str):
+        """A collective or DCP failure (a rank died, hung past collective_timeout_s, or hit a write error)
+        becomes one CheckpointSaveError naming the step, on every surviving rank."""
+        try:
+            yield
+        except (RuntimeError, CheckpointException) as e:
+            if isinstance(e, CheckpointSaveError):
+                raise
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointSaveError(
+                f"{what} failed on rank {rank()}: {detail}. Another rank may have died or hung (collectives "
+                f"wait at most collective_timeout_s={self._group.timeout_s:g}s); the previous checkpoint "
+                "stays the latest") from e
+
     def _on_rank0_then_share(self, fn) -> None:
         """Run fn on rank 0 and raise its exception (if any) on every rank, so no rank hangs or
         goes on alone."""

@@ -92,8 +92,8 @@ class Experiment:
                 print(f"Resuming from checkpoint: {path} (step {step}, epoch {epoch})")
         if epoch < a.epochs:
             print("phase train")
-            if self.train(epoch, step) == PREEMPTED_EXIT_CODE:
-                return PREEMPTED_EXIT_CODE
+            if self.train(epoch, step) == PREEMPTED_EXIT_CODE or (self.ckpt and self.ckpt.manager.preempted):
+                return PREEMPTED_EXIT_CODE  # --resume skips the finished train phase
         else:
             print("phase train: already finished, skipped")
         print("phase evaluate")
@@ -118,11 +118,12 @@ class Experiment:
                 self.opt.zero_grad(set_to_none=True)
                 step += 1
                 if self.ckpt and self.ckpt.manager.should_save(step):  # every step: agrees on preemption
-                    if self.ckpt.manager.preempted:
+                    last_step = len(self.sampler) == 0 and epoch + 1 >= a.epochs
+                    if self.ckpt.manager.preempted and not last_step:  # the final save below serves
                         self._save(epoch, step, "preemption")
                         print(f"Preempted at step {step}: exiting with {PREEMPTED_EXIT_CODE}; rerun with --resume")
                         return PREEMPTED_EXIT_CODE
-                    if len(self.sampler) > 0:
+                    if len(self.sampler) > 0 or epoch + 1 < a.epochs:  # the run's last step: "final" below
                         self._save(epoch, step, "step")
             epoch += 1
             self.sampler.set_epoch(epoch)

@@ -156,7 +156,8 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{self.stats['steps'][-1]['loss']:.3f}")
                 due = self.manager.should_save(c["global_step"])  # every step: ranks agree on preemption
-                if self.manager.preempted:
+                last_step = len(self.sampler) == 0 and c["epoch"] + 1 >= a.epochs
+                if self.manager.preempted and not last_step:  # on the last step the final save serves
                     bar.close()
                     self.save("preemption")
                     self.log.info(f"Preempted at step {c['global_step']}: exiting with {PREEMPTED_EXIT_CODE}; "

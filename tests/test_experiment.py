@@ -7,6 +7,7 @@ import math
 import os
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from common import full_state, make_training, train_steps
@@ -18,6 +19,7 @@ from dcp_resume import ExperimentCheckpointer
 MAIN = [sys.executable, os.path.join(ROOT, "latentwire", "main_experiment.py")]
 FLAGS = ["--tiny", "--samples", "60", "--epochs", "2", "--batch-size", "4", "--save-interval", "3",
          "--compression-type", "linear"]
+VARIANTS = ("telepathy", "meanpool")  # linear: the runs above
 
 
 # -- ExperimentCheckpointer ---------------------------------------------------------------------------
@@ -117,16 +119,19 @@ def reference(tmp_path_factory):
     return save_dir, out
 
 
-@pytest.fixture(scope="module")
-def interrupted(tmp_path_factory):
-    """Killed with SIGKILL right after its step_6 checkpoint, then rerun with --resume."""
-    save_dir = tmp_path_factory.mktemp("exp") / "interrupted"
+def kill_then_resume(save_dir, step):
+    """Killed with SIGKILL right after its step_<step> checkpoint, then rerun with --resume."""
     killed = train_until_killed(MAIN, *FLAGS, "--save-dir", save_dir,
-                                kill_after=f"Saved checkpoint: {save_dir}/step_6")
+                                kill_after=f"Saved checkpoint: {save_dir}/step_{step}")
     assert "phase train" in killed and "phase evaluate" not in killed
     assert not (save_dir / "results.json").exists()
-    resumed = experiment(*FLAGS, "--save-dir", save_dir, "--resume").stdout
-    return save_dir, resumed
+    return experiment(*FLAGS, "--save-dir", save_dir, "--resume").stdout
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("exp") / "interrupted"
+    return save_dir, kill_then_resume(save_dir, 6)
 
 
 def test_uninterrupted_run_writes_results_for_both_lms(reference):
@@ -136,10 +141,10 @@ def test_uninterrupted_run_writes_results_for_both_lms(reference):
     assert set(r["lms"]) == {"llama", "qwen"}
     for lm in r["lms"].values():
         assert math.isfinite(lm["loss"]) and lm["loss"] > 0 and 0.0 <= lm["accuracy"] <= 1.0 and lm["tokens"] > 0
-    # 48 training examples / batch 4 = 12 steps per epoch; every 3rd step, none at an epoch's last step
-    # (the next save covers it), and the final one at step 24.
+    # 48 training examples / batch 4 = 12 steps per epoch; every 3rd step, the epoch's end (step 12)
+    # included, and the final one at step 24.
     saved = re.findall(r"^Saved checkpoint: (.*)$", out, re.M)
-    assert saved == [f"{save_dir}/step_{s}" for s in (3, 6, 9, 15, 18, 21, 24)]
+    assert saved == [f"{save_dir}/step_{s}" for s in (3, 6, 9, 12, 15, 18, 21, 24)]
     assert out.index("phase train") < out.index("phase evaluate") < out.index(f"Wrote {save_dir}/results.json")
 
 
@@ -152,6 +157,14 @@ def test_kill9_then_resume_writes_the_same_results(reference, interrupted):
     assert results(save_dir) == results(reference[0])
 
 
+def test_kill9_after_the_checkpoint_at_an_epoch_end_then_resume_writes_the_same_results(reference, tmp_path):
+    save_dir = tmp_path / "at_epoch_end"
+    resumed = kill_then_resume(save_dir, 12)
+    assert f"Resuming from checkpoint: {save_dir}/step_12 (step 12, epoch 0)" in resumed
+    assert re.findall(r"^Saved checkpoint: (.*)$", resumed, re.M)[0] == f"{save_dir}/step_15"
+    assert results(save_dir) == results(reference[0])
+
+
 def test_resume_after_everything_finished_does_nothing(interrupted):
     save_dir, _ = interrupted
     before = snapshot(save_dir)
@@ -161,13 +174,16 @@ def test_resume_after_everything_finished_does_nothing(interrupted):
     assert snapshot(save_dir) == before
 
 
-@pytest.mark.parametrize("variant", ["telepathy", "meanpool"])
-def test_variants_run_and_no_checkpoints_saves_none(tmp_path, variant):
-    save_dir = tmp_path / variant
-    out = experiment("--tiny", "--samples", "20", "--epochs", "1", "--batch-size", "4", "--save-interval", "1",
-                     "--compression-type", variant, "--no-checkpoints", "--save-dir", save_dir).stdout
-    r = results(save_dir)
-    assert r["compression_type"] == variant and set(r["lms"]) == {"llama", "qwen"}
-    assert all(math.isfinite(lm["loss"]) for lm in r["lms"].values())
-    assert "Saved checkpoint" not in out
-    assert sorted(os.listdir(save_dir)) == ["results.json"]  # --save-interval 1 would have saved every step
+def test_other_variants_run_and_no_checkpoints_saves_none(tmp_path):
+    def variant(name):
+        return experiment("--tiny", "--samples", "20", "--epochs", "1", "--batch-size", "4", "--save-interval", "1",
+                          "--compression-type", name, "--no-checkpoints", "--save-dir", tmp_path / name).stdout
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # one per core
+        outs = dict(zip(VARIANTS, pool.map(variant, VARIANTS)))
+    for name, out in outs.items():
+        r = results(tmp_path / name)
+        assert r["compression_type"] == name and set(r["lms"]) == {"llama", "qwen"}
+        assert all(math.isfinite(lm["loss"]) for lm in r["lms"].values())
+        assert "Saved checkpoint" not in out
+        assert sorted(os.listdir(tmp_path / name)) == ["results.json"]  # --save-interval 1 would save every step

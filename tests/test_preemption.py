@@ -65,3 +65,12 @@ def test_single_process_sigterm_exits_143_with_preemption_checkpoint(tmp_path):
     assert code == PREEMPTED_EXIT_CODE, out[-2000:]
     state, meta = final_state(tmp_path)
     assert meta["kind"] == "preemption" and f"Preempted at step {meta['step']}: exiting with 143" in out
+
+
+def test_signal_on_the_last_step_finishes_with_the_final_checkpoint(tmp_path):
+    """A signal that lands on the run's last step: the final save serves (no clash at step_<last>)."""
+    flags = ["--tiny", "--samples", "8", "--batch_size", "4", "--epochs", "1", "--save_every", "1"]
+    code, out = train_and_signal(launcher(1, "python"), *flags, "--save_dir", tmp_path, sig=signal.SIGTERM,
+                                 target="launcher", after=f"Saved checkpoint: {tmp_path}/step_1")
+    assert code == 0 and "Training complete" in out, out[-2000:]
+    assert final_state(tmp_path)[1]["kind"] == "final"
