@@ -30,9 +30,49 @@ def command(nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), TRAIN]
 
 
+def _parents() -> dict[int, int]:
+    """pid -> parent pid for every live process, from /proc."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    return parent
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of pid (torchrun's workers are its children)."""
+    return sorted(p for p, pp in _parents().items() if pp == pid)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of pid. torchrun starts each worker in a session of its own, so killing
+    torchrun's process group alone would leave the workers running."""
+    parent = _parents()
+    found, frontier = [], {pid}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier}
+        found += sorted(frontier)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL pid, its process group and every descendant (workers in their own sessions included)."""
+    victims = descendants(pid)
+    for target in (lambda: os.killpg(pid, signal.SIGKILL), *[(lambda p=p: os.kill(p, signal.SIGKILL))
+                                                               for p in [pid, *victims]]):
+        try:
+            target()
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def run_until_killed(cmd: list[str], kill_after: str, env: dict | None = None, echo: bool = False) -> str:
-    """Start cmd in its own process group; SIGKILL the whole group (launcher and workers) once its output
-    shows `kill_after`. Returns the output up to then; raises if the run ended first."""
+    """Start cmd in its own process group; SIGKILL it and all its descendants (launcher and workers) once
+    its output shows `kill_after`. Returns the output up to then; raises if the run ended first."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
     seen = []
@@ -42,13 +82,13 @@ def run_until_killed(cmd: list[str], kill_after: str, env: dict | None = None, e
             if echo:
                 print(line, end="")
             if kill_after in line:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
                 break
         else:
             raise RuntimeError(f"run ended before printing {kill_after!r}:\n{''.join(seen)[-4000:]}")
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
         proc.wait()
     return "".join(seen)
 

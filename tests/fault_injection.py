@@ -15,7 +15,6 @@ import argparse
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ sys.path.insert(0, ROOT)
 
 from dcp_resume import CheckpointManager  # noqa: E402
 from dcp_resume.layout import list_checkpoints  # noqa: E402
-from latentwire.demo import COMPARED, command, differences, final_state  # noqa: E402
+from latentwire.demo import COMPARED, command, differences, final_state, kill_tree  # noqa: E402
 
 FLAGS = ["--tiny", "--samples", "48", "--batch_size", "4", "--epochs", "2", "--save_every", "1"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -41,7 +40,7 @@ def run(save_dir: str, resume: bool, kill_after_s: float | None = None) -> int |
         proc.wait(timeout=kill_after_s)
         return proc.returncode
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)  # launcher and workers (which torchrun puts in sessions of their own)
         proc.wait()
         return None
 
@@ -97,6 +96,8 @@ def main(argv=None) -> int:
         print(f"  kill {kills}/{a.count} at {delay:.1f} s: latest {os.path.basename(latest or '-')}, "
               f"incomplete left {left or 'none'}, violations {len(found)}")
         problems += [f"kill {kills}: {x}" for x in found]
+        if latest and final_state(victim)[1]["kind"] == "final":  # nothing left to kill: start over
+            shutil.rmtree(victim)
     assert run(victim, resume=True) == 0, "the final resumed run failed"
     (a_state, a_meta), (b_state, b_meta) = final_state(ref), final_state(victim)
     diff = [d for key in COMPARED for d in differences(a_state[key], b_state[key], key)]

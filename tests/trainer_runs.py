@@ -5,7 +5,7 @@ import sys
 
 from conftest import ROOT, _free_port
 
-from latentwire.demo import TRAIN, final_state, run_until_killed  # noqa: F401  (re-exported for tests)
+from latentwire.demo import TRAIN, children, final_state, kill_tree, run_until_killed  # noqa: F401
 
 BASE = ["--tiny", "--samples", "48", "--batch_size", "4", "--save_every", "3", "--epochs", "2"]
 
@@ -38,27 +38,11 @@ def train_until_killed(cmd: list[str], *args, kill_after: str, extra_env=None) -
     return run_until_killed(cmd + list(map(str, args)), kill_after, env=env(**(extra_env or {})))
 
 
-def _children(pid: int) -> list[int]:
-    """Direct child pids, from /proc (torchrun's workers are its children)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return sorted(out)
-
-
 def train_and_signal(cmd: list[str], *args, after: str, sig: int, target: str, extra_env=None,
                      timeout=300) -> tuple[int, str]:
     """Run until stdout shows `after`, then send `sig` to `target`: 'launcher' (the process we started),
     'workers' (each of its children), 'rank0' (its first child) or 'group' (the whole process group,
     like Ctrl+C in a terminal). Returns (exit status of the launcher, full output)."""
-    import signal as _signal
-
     proc = subprocess.Popen(cmd + list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env(**(extra_env or {})), cwd=ROOT, start_new_session=True)
     seen, sent = [], False
@@ -72,13 +56,13 @@ def train_and_signal(cmd: list[str], *args, after: str, sig: int, target: str, e
                 elif target == "launcher":
                     proc.send_signal(sig)
                 else:
-                    kids = _children(proc.pid) or [proc.pid]
+                    kids = children(proc.pid) or [proc.pid]
                     for pid in (kids[:1] if target == "rank0" else kids):
                         os.kill(pid, sig)
         proc.wait(timeout=timeout)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, _signal.SIGKILL)
+            kill_tree(proc.pid)
             proc.wait()
     assert sent, f"run ended before printing {after!r}:\n{''.join(seen)[-4000:]}"
     return proc.returncode, "".join(seen)
