@@ -6,11 +6,15 @@ from .errors import (  # noqa: E402
     CheckpointMismatchError,
     CheckpointNotFoundError,
     CheckpointSaveError,
+    CorruptCheckpointError,
     IncompleteCheckpointError,
+    SaveDirLockedError,
+    UnsafeCheckpointError,
 )
 from .experiment import ExperimentCheckpointer  # noqa: E402
 from .manager import CheckpointManager  # noqa: E402
 from .preemption import PREEMPTED_EXIT_CODE  # noqa: E402
 
 __all__ = ["CheckpointManager", "PREEMPTED_EXIT_CODE", "ExperimentCheckpointer", "CheckpointExistsError", "CheckpointMismatchError", "CheckpointNotFoundError",
-           "CheckpointSaveError", "IncompleteCheckpointError", "__version__"]
+           "CheckpointSaveError", "CorruptCheckpointError", "IncompleteCheckpointError", "SaveDirLockedError",
+           "UnsafeCheckpointError", "__version__"]

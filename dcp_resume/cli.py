@@ -41,7 +41,7 @@ def _cmd_ls(args) -> int:
 
 
 def _cmd_latest(args) -> int:
-    latest = layout.latest_complete(args.save_dir)
+    latest = layout.latest_verified(args.save_dir)  # what --auto_resume picks: hashes checked
     if latest is None:
         print(f"No checkpoint found to resume in {args.save_dir}", file=sys.stderr)
         return 1

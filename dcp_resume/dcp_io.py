@@ -2,21 +2,34 @@
 
 Private DCP helpers used here (flatten/set_element) are the ones DCP itself uses to name keys, so the
 engine's key checks agree with DCP by construction.
+
+Nothing read from disk is unpickled without restriction (DCP itself does, in two places): `.metadata` goes
+through `_MetadataUnpickler`, which admits only DCP's metadata classes, torch.Size, dtypes and plain values;
+non-tensor items go through `torch.load(weights_only=True)` (`SafeLoadPlanner`). Tensors DCP already loads
+with weights_only=True. A checkpoint holding anything else raises UnsafeCheckpointError before it runs.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import io
 import os
+import pickle
 import warnings
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.metadata as _dcp_metadata
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from .distributed import is_distributed
+from .errors import CorruptCheckpointError, UnsafeCheckpointError
 
 DCP_METADATA = ".metadata"
 SHARD_SUFFIX = ".distcp"
@@ -41,13 +54,123 @@ def save(state_dict: dict[str, Any], state_dir: str, group) -> None:
 
 def load(template: dict[str, Any], state_dir: str, group) -> None:
     """Fills template in place (tensors copied into, other values replaced)."""
-    with _quiet_single_process():
-        dcp.load(template, storage_reader=dcp.FileSystemReader(state_dir), process_group=group,
-                 no_dist=not is_distributed())
+    reader = SafeFileSystemReader(state_dir)
+    try:
+        with _quiet_single_process():
+            dcp.load(template, storage_reader=reader, planner=SafeLoadPlanner(reader),
+                     process_group=group, no_dist=not is_distributed())
+    except CheckpointException as e:  # DCP wraps every rank's error; a refusal is ours to report as is
+        for exc, _ in e.failures.values():
+            if isinstance(exc, (UnsafeCheckpointError, CorruptCheckpointError)):
+                raise exc from None
+        raise
 
 
 def read_metadata(state_dir: str) -> Metadata:
-    return dcp.FileSystemReader(state_dir).read_metadata()
+    return SafeFileSystemReader(state_dir).read_metadata()
+
+
+# -- loading without running code from the checkpoint ----------------------------------------------
+_REFUSAL = ("that dcp-resume will not load: unpickling it could run code. This checkpoint was crafted or "
+            "damaged, or written by a tool other than torch.distributed.checkpoint; do not load it (not with "
+            "plain DCP either)")
+
+# What a real DCP .metadata pickles (torch 2.6 .. 2.13): the metadata dataclasses, the filesystem
+# _StorageInfo, torch.Size, dtypes/layouts (a global of `torch`, or torch.serialization._get_layout), the
+# save path (a pathlib path) and plain containers.
+_METADATA_CLASSES = {("torch.distributed.checkpoint.metadata", n): getattr(_dcp_metadata, n) for n in (
+    "Metadata", "StorageMeta", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties",
+    "TensorStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING") if hasattr(_dcp_metadata, n)}
+_METADATA_CLASSES.update({
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+    ("torch", "Size"): torch.Size,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    **{("builtins", t.__name__): t for t in (set, frozenset, complex, bytearray, slice, range)},
+})
+if hasattr(torch.serialization, "_get_layout"):  # how a torch.layout pickles (looks one up by name)
+    _METADATA_CLASSES[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+_PATH_CLASSES = {"Path", "PosixPath", "PurePath", "PurePosixPath", "PureWindowsPath", "WindowsPath"}
+_TORCH_VALUE_TYPES = (torch.dtype, torch.layout, torch.memory_format)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves only the globals a DCP .metadata needs; anything else raises UnsafeCheckpointError."""
+
+    def __init__(self, file, where: str):
+        super().__init__(file)
+        self.where = where
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _METADATA_CLASSES.get((module, name))
+        if found is not None:
+            return found
+        if module == "torch" and isinstance(getattr(torch, name, None), _TORCH_VALUE_TYPES):
+            return getattr(torch, name)
+        if module in ("pathlib", "pathlib._local") and name in _PATH_CLASSES:
+            import pathlib
+
+            return getattr(pathlib, name)
+        raise UnsafeCheckpointError(f"{self.where} holds a pickled object of type {module}.{name} {_REFUSAL}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeCheckpointError(f"{self.where} holds a pickled persistent reference (DCP metadata has "
+                                    f"none) {_REFUSAL}")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """FileSystemReader whose read_metadata unpickles with _MetadataUnpickler instead of plain pickle."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            metadata = _MetadataUnpickler(io.BytesIO(data), str(path)).load()
+        except UnsafeCheckpointError:
+            raise
+        except Exception as e:  # truncated or not a pickle at all
+            raise CorruptCheckpointError(f"{path} is not a readable DCP .metadata ({type(e).__name__}: {e}); "
+                                         "the checkpoint is damaged: resume from another one") from None
+        if not isinstance(metadata, Metadata):
+            raise CorruptCheckpointError(f"{path} holds a {type(metadata).__name__}, not DCP metadata; the "
+                                         "checkpoint is damaged: resume from another one")
+        if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader.read_metadata does
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner whose non-tensor items load with torch.load(weights_only=True): tensors and plain
+    values (numbers, strings, bytes, None, lists, tuples, dicts, sets) plus what the application allowed
+    with torch.serialization.add_safe_globals."""
+
+    def __init__(self, reader: SafeFileSystemReader, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._reader = reader
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(self._refusal(read_item, value, e)) from None
+        fqn = read_item.dest_index.fqn
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+    def _refusal(self, read_item, value: io.BytesIO, error: Exception) -> str:
+        try:
+            value.seek(0)
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(value) or ["an unknown type"]
+        except Exception:  # not a torch.save archive: say what torch.load said
+            names = [f"an unreadable kind ({str(error).strip().splitlines()[-1][:200]})"]
+        info = self._reader.storage_data.get(read_item.storage_index)
+        where = str(self._reader.path) if info is None else os.path.join(str(self._reader.path), info.relative_path)
+        return (f"{where} holds a pickled object of type {', '.join(names)} (item {read_item.dest_index.fqn!r}) "
+                f"{_REFUSAL}. Plain values and tensors load; a type you saved on purpose and trust can be allowed "
+                "with torch.serialization.add_safe_globals")
 
 
 def saved_paths(meta: Metadata) -> dict[str, tuple]:

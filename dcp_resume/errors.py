@@ -19,3 +19,15 @@ class CheckpointExistsError(FileExistsError):
 
 class CheckpointSaveError(RuntimeError):
     """A save failed on some rank; the previous checkpoint stays the latest."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A committed checkpoint whose files no longer match the content hashes metadata.json records."""
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint holding a pickled object that could run code when loaded; nothing of it is loaded."""
+
+
+class SaveDirLockedError(FileExistsError):
+    """Another live process holds the save_dir's lock file: one writer per save_dir."""

@@ -109,8 +109,30 @@ def list_checkpoints(save_dir: str) -> list[CheckpointInfo]:
 
 
 def latest_complete(save_dir: str) -> CheckpointInfo | None:
+    """The newest complete checkpoint by the cheap check (sizes): for listings. Resume uses latest_verified."""
     complete = [i for i in list_checkpoints(save_dir) if i.complete]
     return max(complete, key=lambda i: i.order) if complete else None
+
+
+def latest_verified(save_dir: str) -> CheckpointInfo | None:
+    """What resume uses: the newest complete checkpoint whose files all match their content hashes.
+
+    Every damaged checkpoint passed over gets a warning naming it and the file: a complete one that fails
+    its hashes, and one whose metadata.json is there but does not parse or lists missing or resized files.
+    (A directory without metadata.json is an interrupted save, not damage: skipped quietly.)"""
+    from . import integrity  # builds on this module
+    from .logs import logger
+
+    infos = list_checkpoints(save_dir)
+    for info in infos:
+        if not info.complete and os.path.isfile(os.path.join(info.path, METADATA_FILE)):
+            logger.warning("Skipping checkpoint %s: %s", info.path, info.reason)
+    for info in sorted((i for i in infos if i.complete), key=lambda i: i.order, reverse=True):
+        problem = integrity.problem(info)
+        if problem is None:
+            return info
+        logger.warning("Skipping checkpoint %s: %s", info.path, problem)
+    return None
 
 
 def build_metadata(*, step: int, epoch: int, kind: str, world_size: int, is_best: bool,

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import time
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 from torch.distributed.checkpoint import CheckpointException
 
 from . import artifacts as artifacts_mod
 from . import dcp_io, layout, live_state, storage
+from . import integrity, savedir_lock
 from .distributed import CommitGroup, is_distributed, rank, world_size
 from .errors import (
     CheckpointExistsError,
@@ -21,6 +24,7 @@ from .logs import configure as configure_logging
 from .logs import logger
 from .preemption import DEFAULT_SIGNALS, PreemptionHandler, agree
 from .retention import plan_removals, validate_keep_last_n
+from .staging import StagingBuffers
 
 
 def _as_dict(config: Any) -> dict[str, Any]:
@@ -57,7 +61,8 @@ class CheckpointManager:
     def __init__(self, save_dir: str | os.PathLike, save_interval: int = 100, keep_last_n: int | None = 3,
                  enable_preemption_handling: bool = True, verbose: bool = True, *,
                  config: Any = None, keep_best: bool = True, collective_timeout_s: float = 600.0,
-                 preemption_signals=DEFAULT_SIGNALS):
+                 preemption_signals=DEFAULT_SIGNALS, async_save: bool = False,
+                 on_commit: Callable[[str], None] | None = None):
         if save_dir is None or str(save_dir) == "":
             raise ValueError("save_dir is empty; pass the directory that holds (or will hold) checkpoints")
         validate_keep_last_n(keep_last_n)
@@ -73,7 +78,15 @@ class CheckpointManager:
         self.history: list[dict[str, Any]] = []  # training_stats.json when the caller passes none
         self.loaded_metadata: dict[str, Any] | None = None
         self._group = CommitGroup(collective_timeout_s)
+        self.async_save = async_save
+        self.on_commit = on_commit  # called on rank 0 with the path of each committed checkpoint
+        self.last_blocking_s: float | None = None  # how long the last save_checkpoint call blocked
+        self._background_group = CommitGroup(collective_timeout_s)  # async saves' own collectives
+        self._staging = StagingBuffers()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dcp-resume-save") if async_save else None
+        self._in_flight: tuple[int, str, Any] | None = None
         self._cleaned_at_start = False
+        self._lock: savedir_lock.SaveDirLock | None = None  # one writer per save_dir: taken at the first save
         self.preempted = False
         self._preemption = PreemptionHandler(preemption_signals) if enable_preemption_handling else None
         if self._preemption is not None:
@@ -95,8 +108,9 @@ class CheckpointManager:
         return bool(self.save_interval) and step > 0 and step % self.save_interval == 0
 
     def find_latest_checkpoint(self, checkpoint_dir: str | os.PathLike | None = None) -> str | None:
-        """Path of the complete checkpoint with the highest step (ties: newest timestamp), or None."""
-        info = layout.latest_complete(os.fspath(checkpoint_dir or self.save_dir))
+        """Path of the complete checkpoint with the highest step (ties: newest timestamp) whose files all
+        match their content hashes, or None. Damaged newer ones are skipped with a warning naming the file."""
+        info = layout.latest_verified(os.fspath(checkpoint_dir or self.save_dir))
         return info.path if info else None
 
     def save_checkpoint(self, state: dict[str, Any], step: int, epoch: int = 0, is_best: bool = False,
@@ -105,35 +119,36 @@ class CheckpointManager:
                         config: Any = None, training_stats: Any = None) -> str:
         """Write `state` as checkpoint `step_<step>/` (`epoch<epoch>/` for kind='epoch') and commit it.
 
-        Returns the checkpoint path once metadata.json is durable on disk. Collective: every rank calls
-        it with the same step, kind and artifact names.
+        Sync: returns the path once metadata.json is durable. Async (`async_save=True`): returns the path
+        the checkpoint will have as soon as `state` is copied into the staging buffers; writing and the
+        commit go on in the background (`on_commit` runs when it lands). At most one save is in flight:
+        this call first waits for the previous one and raises its error, if any. Collective: every rank
+        calls it with the same step, kind and artifact names.
         """
         t0 = time.perf_counter()
         artifacts_mod.check(extra_artifacts)
+        self.wait()
         path = os.path.join(self.save_dir, layout.checkpoint_name(kind, step, epoch))
-        state_dir = os.path.join(path, layout.STATE_DIR)
         with self._failures_named(f"save of step {step} to {path}"):
             self._on_rank0_then_share(lambda: self._prepare_target(path))
             payload = live_state.to_save(state)
             extras = artifacts_mod.gather_full_tensors(extra_artifacts)
-            dcp_io.save(payload, state_dir, self._group.group)
-            mine = {f"{layout.STATE_DIR}/{n}": storage.file_info(os.path.join(state_dir, n))
-                    for n in dcp_io.shard_files_of_rank(state_dir, rank())}
-            reported = self._group.gather(mine)
-
         if training_stats is None:
             self.history.append({"step": int(step), "epoch": int(epoch), "kind": kind, **(metrics or {})})
             training_stats = {"history": self.history}
-        commit = dict(step=step, epoch=epoch, kind=kind, is_best=is_best, metrics=metrics,
-                      best_metric=best_metric, config=_as_dict(config) or self.config,
-                      training_stats=training_stats, extras=extras)
-        with self._failures_named(f"commit of step {step} to {path}"):
-            self._on_rank0_then_share(lambda: self._commit(path, reported, **commit))
-
-        if rank() == 0:
-            self._apply_retention(live=frozenset())
-            size = sum(os.path.getsize(os.path.join(path, f)) for f in storage.list_files(path))
-            logger.info("Saved checkpoint: %s (%.1f MB, %.2f s)", path, size / 1e6, time.perf_counter() - t0)
+        commit = copy.deepcopy(dict(step=step, epoch=epoch, kind=kind, is_best=is_best, metrics=metrics,
+                                    best_metric=best_metric, config=_as_dict(config) or self.config,
+                                    training_stats=training_stats))
+        if not self.async_save:
+            self._write_and_commit(payload, extras, path, commit, self._group, t0)
+            self.last_blocking_s = time.perf_counter() - t0
+            return path
+        staged = self._staging.stage(payload)
+        group = self._background_group
+        group.group  # noqa: B018  (created here, in the main thread, in the same order on every rank)
+        self._in_flight = (step, path, self._executor.submit(self._write_and_commit, staged, extras, path,
+                                                             commit, group, t0))
+        self.last_blocking_s = time.perf_counter() - t0
         return path
 
     def load_checkpoint(self, checkpoint_path: str | os.PathLike | None = None, map_location: Any = "cpu",
@@ -145,6 +160,7 @@ class CheckpointManager:
         returns everything the checkpoint holds. Metadata of the loaded checkpoint is kept in
         `self.loaded_metadata`. Collective when running distributed.
         """
+        self.wait()
         path = self._resolve(checkpoint_path)
         state_dir = os.path.join(path, layout.STATE_DIR)
         meta = dcp_io.read_metadata(state_dir)
@@ -163,15 +179,39 @@ class CheckpointManager:
         return loaded
 
     def wait(self) -> None:
-        """Block until no save is in flight. Saves are synchronous for now, so this returns at once."""
+        """Block until the save in flight (if any) is committed; raise its error, naming the step."""
+        in_flight = self._in_flight
+        if in_flight is None:
+            return
+        step, path, future = in_flight
+        try:
+            future.result()  # every concurrent waiter blocks here until the commit (or failure) lands
+        except CheckpointSaveError:
+            raise
+        except Exception as e:  # surfaced here, where the caller can act on it
+            raise CheckpointSaveError(f"background save of step {step} to {path} failed: {type(e).__name__}: "
+                                      f"{e}. The previous checkpoint stays the latest") from e
+        finally:
+            if self._in_flight is in_flight:
+                self._in_flight = None
 
     def close(self) -> None:
-        self.wait()
-        # After a preemption the process is on its way out with 143: keep the flag handlers, so a
-        # launcher's follow-up SIGTERM (torchrun terminates the other workers) cannot turn it into a kill.
-        if self._preemption is not None and not self.preempted:
-            self._preemption.restore()
-        self._group.close()
+        """Wait for the save in flight (raising its error), then release threads, groups and handlers."""
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            # After a preemption the process is on its way out with 143: keep the flag handlers, so a
+            # launcher's follow-up SIGTERM (torchrun terminates the other workers) cannot make it a kill.
+            if self._preemption is not None and not self.preempted:
+                self._preemption.restore()
+            self._background_group.close()
+            self._group.close()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def __enter__(self) -> "CheckpointManager":
         return self
@@ -180,6 +220,26 @@ class CheckpointManager:
         self.close()
 
     # -- internals --------------------------------------------------------------------------------
+    def _write_and_commit(self, payload: dict, extras: dict, path: str, commit: dict, group: CommitGroup,
+                          t0: float) -> None:
+        """Every rank writes its shards and reports them; rank 0 commits. Inline for sync saves, on the
+        background thread (with its own gloo group) for async ones."""
+        step = commit["step"]
+        state_dir = os.path.join(path, layout.STATE_DIR)
+        with self._failures_named(f"save of step {step} to {path}"):
+            dcp_io.save(payload, state_dir, group.group)
+            mine = {f"{layout.STATE_DIR}/{n}": storage.file_info(os.path.join(state_dir, n))
+                    for n in dcp_io.shard_files_of_rank(state_dir, rank())}
+            reported = group.gather(mine)
+        with self._failures_named(f"commit of step {step} to {path}"):
+            self._on_rank0_then_share(lambda: self._commit(path, reported, extras=extras, **commit), group)
+        if rank() == 0:
+            self._apply_retention(live=frozenset())
+            size = sum(os.path.getsize(os.path.join(path, f)) for f in storage.list_files(path))
+            logger.info("Saved checkpoint: %s (%.1f MB, %.2f s)", path, size / 1e6, time.perf_counter() - t0)
+            if self.on_commit is not None:
+                self.on_commit(path)
+
     @contextlib.contextmanager
     def _failures_named(self, what: str):
         """A collective or DCP failure (a rank died, hung past collective_timeout_s, or hit a write error)
@@ -195,7 +255,7 @@ class CheckpointManager:
                 f"wait at most collective_timeout_s={self._group.timeout_s:g}s); the previous checkpoint "
                 "stays the latest") from e
 
-    def _on_rank0_then_share(self, fn) -> None:
+    def _on_rank0_then_share(self, fn, group: CommitGroup | None = None) -> None:
         """Run fn on rank 0 and raise its exception (if any) on every rank, so no rank hangs or
         goes on alone."""
         error = None
@@ -204,13 +264,16 @@ class CheckpointManager:
                 fn()
             except Exception as e:  # shared below, re-raised on every rank
                 error = e
-        error = self._group.broadcast(error)
+        error = (group or self._group).broadcast(error)
         if error is not None:
             raise error
 
     def _prepare_target(self, path: str) -> None:
+        if self._lock is None:
+            self._lock = savedir_lock.acquire(self.save_dir, owner=self)
         info = layout.inspect_dir(path)
-        if info.complete:
+        damage = integrity.problem(info) if info.complete else None
+        if info.complete and damage is None:
             raise CheckpointExistsError(
                 f"{path} already holds a committed checkpoint (step {info.step}, kind "
                 f"{info.meta.get('kind')}); refusing to overwrite it. Use a new save_dir, or remove it "
@@ -218,8 +281,11 @@ class CheckpointManager:
         if not self._cleaned_at_start:
             self._apply_retention(live=frozenset(), complete_too=False)
             self._cleaned_at_start = True
-        if os.path.isdir(path):
+        if damage is not None:
+            logger.warning("Replacing checkpoint %s, which fails verification: %s", path, damage)
+        elif os.path.isdir(path):
             logger.info("Removing incomplete checkpoint before rewriting it: %s (%s)", path, info.reason)
+        if os.path.isdir(path):
             storage.remove_tree(path)
         os.makedirs(os.path.join(path, layout.STATE_DIR))
 
@@ -283,6 +349,7 @@ class CheckpointManager:
             raise IncompleteCheckpointError(
                 f"{path} is not a complete checkpoint ({info.reason}); it was never committed or has lost "
                 "files. Resume from a complete one (`dcp-resume ls <save_dir>`)")
+        self._on_rank0_then_share(lambda: integrity.check(info))  # hashes; no fallback for an explicit path
         return path
 
     def _restore_history(self, path: str) -> None:

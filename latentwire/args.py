@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save_dir", default="runs/latentwire")
     c.add_argument("--save_every", type=int, default=100, help="steps between checkpoints; 0: only epoch/final")
     c.add_argument("--keep_last_n", type=int, default=3)
+    c.add_argument("--async_save", dest="async_save", action="store_true", default=True,
+                   help="(default) training waits only for a copy of the state; writing and the commit run "
+                        "in the background")
+    c.add_argument("--no_async_save", dest="async_save", action="store_false", help="wait for whole saves")
+    c.add_argument("--collective_timeout_s", type=float, default=600.0,
+                   help="how long a save/agreement waits for other ranks before failing with the step named")
     c.add_argument("--auto_resume", action="store_true", help="resume from the latest complete checkpoint")
     c.add_argument("--resume_from", metavar="PATH", help="resume from this checkpoint")
     c.add_argument("--no_load_optimizer", action="store_true", help="fresh optimizer state on resume")

@@ -72,7 +72,10 @@ class Trainer:
                          "batch_size": args.batch_size, "world_size": self.rt.world_size}
         self.stats = {"steps": [], "evals": []}
         self.manager = CheckpointManager(args.save_dir, save_interval=args.save_every,
-                                         keep_last_n=args.keep_last_n, config=vars(args), verbose=False)
+                                         keep_last_n=args.keep_last_n, config=vars(args), verbose=False,
+                                         async_save=args.async_save,
+                                         collective_timeout_s=args.collective_timeout_s,
+                                         on_commit=lambda path: self.log.info(f"Saved checkpoint: {path}"))
 
     # -- resume ---------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -178,6 +181,7 @@ class Trainer:
             if c["epoch"] < a.epochs:
                 self.save("epoch", is_best=is_best, metrics={"eval_loss": metric})
         self.save("final", metrics={"eval_loss": metric})
+        self.manager.wait()  # the final commit lands before we say we are done
         self.log.info(f"Training complete: {c['global_step']} steps, {c['epoch']} epochs, "
                       f"best eval loss {c['best_metric']:.4f}")
         return 0
@@ -201,10 +205,10 @@ class Trainer:
         state = {"model": self.model, "optimizer": self.opt, "scheduler": self.sched,
                  "sampler": self.sampler, "counters": dict(c), "rng": self.rng}
         artifacts = trainable_state(self.model) if kind in ("epoch", "final") else None
-        path = self.manager.save_checkpoint(state, step=c["global_step"], epoch=c["epoch"], is_best=is_best,
-                                            extra_artifacts=artifacts, kind=kind, metrics=metrics,
-                                            best_metric=c["best_metric"], training_stats=self.stats)
-        self.log.info(f"Saved checkpoint: {path}")
+        self.manager.save_checkpoint(state, step=c["global_step"], epoch=c["epoch"], is_best=is_best,
+                                     extra_artifacts=artifacts, kind=kind, metrics=metrics,
+                                     best_metric=c["best_metric"], training_stats=self.stats)
+        # "Saved checkpoint: <path>" is printed by on_commit once the commit lands (async: later).
 
     def _trace(self, ids: torch.Tensor) -> None:
         """LATENTWIRE_TRACE=FILE: append 'epoch step rank id,id,...' per step (tests check sample coverage)."""

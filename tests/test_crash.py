@@ -33,5 +33,6 @@ def test_kill_after_shards_before_commit_leaves_previous_latest(tmp_path, checke
     # The next save (the writer's start-up) removes the leftover; the previous checkpoint stays.
     mgr.save_checkpoint({"model": model}, step=3)
     assert not half.exists()
-    assert sorted(os.listdir(save_dir)) == ["step_1", "step_3"]
+    assert sorted(os.listdir(save_dir)) == [".dcp-resume.lock", "step_1", "step_3"]  # the killed writer's
+    # stale lock was taken over by this manager, which holds it until close()
     assert mgr.find_latest_checkpoint() == str(save_dir / "step_3")

@@ -12,6 +12,11 @@ from dcp_resume import CheckpointManager
 PLAIN = {"step": 100, "lr": 0.25, "name": "run-a", "nested": {"a": [1, 2, 3], "b": {"c": "d"}}, "flags": [True, None]}
 
 
+def _checkpoints(save_dir):
+    """The save_dir's entries but the writer's lock file (held until the manager closes)."""
+    return sorted(n for n in os.listdir(save_dir) if n != ".dcp-resume.lock")
+
+
 def _trained(wrap=None):
     model, opt, sched = make_training(seed=0, wrap=wrap)
     train_steps(model, opt, sched, 3)
@@ -85,9 +90,9 @@ def test_retention_keeps_last_n_plus_best(tmp_path):
     mgr = CheckpointManager(tmp_path, keep_last_n=2, verbose=False)
     for step in range(1, 6):
         mgr.save_checkpoint({"model": model}, step=step, is_best=(step == 2))
-    assert sorted(os.listdir(tmp_path)) == ["step_2", "step_4", "step_5"]
+    assert _checkpoints(tmp_path) == ["step_2", "step_4", "step_5"]
     mgr.save_checkpoint({"model": model}, step=6, epoch=1, kind="epoch", is_best=True)
-    assert sorted(os.listdir(tmp_path)) == ["epoch1", "step_5"]
+    assert _checkpoints(tmp_path) == ["epoch1", "step_5"]
     assert mgr.find_latest_checkpoint() == os.path.join(str(tmp_path), "epoch1")
 
 

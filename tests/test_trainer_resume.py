@@ -1,5 +1,7 @@
 """The trainer's promise: killed with SIGKILL mid-epoch and resumed with --auto_resume, a run ends
 bit-identical to one that never stopped (model, optimizer, scheduler, data position, counters)."""
+import json
+
 import pytest
 from conftest import assert_same
 from trainer_runs import BASE, final_state, launcher, train, train_until_killed
@@ -14,7 +16,7 @@ def test_kill9_mid_epoch_then_auto_resume_is_bit_identical(tmp_path, nproc, kind
     cmd = launcher(nproc, kind)
     flags = BASE + extra
     ref, run = tmp_path / "ref", tmp_path / "run"
-    train(cmd, *flags, "--save_dir", ref)
+    train(cmd, *flags, "--save_dir", ref, "--no_async_save")  # sync reference; the killed run saves async
     # 48 samples / (4 x nproc) per step: step_3 is mid-epoch at either world size.
     out = train_until_killed(cmd, *flags, "--save_dir", run, kill_after=f"Saved checkpoint: {run}/step_3")
     assert "Training complete" not in out
@@ -27,5 +29,7 @@ def test_kill9_mid_epoch_then_auto_resume_is_bit_identical(tmp_path, nproc, kind
         assert_same(a[key], b[key], key)
     assert a["counters"]["epoch"] == 2 and a["counters"]["world_size"] == nproc
     assert checker(run).returncode == 0
+    configs = [json.load(open(d / f"step_{meta_a['step']}" / "config.json")) for d in (ref, run)]
+    assert [c["async_save"] for c in configs] == [False, True]
     log = (run / "logs" / "train.log").read_text()
     assert log.count("Resuming from checkpoint:") == 1 and log.count("Training complete") == 1

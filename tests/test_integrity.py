@@ -1,0 +1,126 @@
+"""Content hashes: every file's size and xxh3_64 in metadata.json. A damaged checkpoint is detected; resume
+(auto) falls back to the newest one that verifies, with a warning naming the checkpoint and the file; an
+explicit path errors naming the file."""
+import json
+import re
+import sys
+
+import pytest
+import xxhash
+from common import Tiny
+from conftest import run
+
+from dcp_resume import CheckpointManager, IncompleteCheckpointError, storage
+from dcp_resume.errors import CorruptCheckpointError
+
+SHARD = "state/__0_0.distcp"
+HEX = "[0-9a-f]{16}"
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """step_1 and step_2, each with its own tag so a load shows which one it read."""
+    d = tmp_path / "run"
+    with CheckpointManager(d, keep_last_n=None, verbose=False) as mgr:
+        for step in (1, 2):
+            mgr.save_checkpoint({"model": Tiny(), "tag": f"step {step}"}, step=step)
+    return d
+
+
+def flip_bit(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {  # how step_2 is damaged -> (what the warning says after "Skipping checkpoint <path>: ", error type)
+    "bit flip in a shard": (lambda c: flip_bit(c / SHARD),
+                            rf"{SHARD} content hash mismatch \(xxh3_64 of the file is {HEX}, metadata.json "
+                            rf"records {HEX}\)", CorruptCheckpointError),
+    "bit flip in DCP .metadata": (lambda c: flip_bit(c / "state/.metadata"),
+                                  r"state/.metadata content hash mismatch \(xxh3_64 ", CorruptCheckpointError),
+    "truncated shard": (lambda c: (c / SHARD).write_bytes((c / SHARD).read_bytes()[:-100]),
+                        rf"size mismatch: {SHARD} is \d+ bytes, metadata.json says \d+", IncompleteCheckpointError),
+    "deleted shard": (lambda c: (c / SHARD).unlink(), rf"listed file missing: {SHARD}", IncompleteCheckpointError),
+    "garbage metadata.json": (lambda c: (c / "metadata.json").write_text("{not json"),
+                              r"metadata.json does not parse \(JSONDecodeError\)", IncompleteCheckpointError),
+}
+
+
+def test_every_file_records_its_size_and_xxh3_64(run_dir):
+    ckpt = run_dir / "step_2"
+    files = json.loads((ckpt / "metadata.json").read_text())["files"]
+    assert set(files) == {"config.json", "training_stats.json", "state/.metadata", SHARD}
+    for rel, info in files.items():
+        data = (ckpt / rel).read_bytes()
+        assert info == {"size": len(data), "xxh3_64": xxhash.xxh3_64(data).hexdigest()}, rel
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damage_is_detected_auto_resume_falls_back_explicit_errors(run_dir, damage, caplog):
+    hurt, reason, error = DAMAGE[damage]
+    bad = run_dir / "step_2"
+    hurt(bad)
+    caplog.set_level("WARNING", logger="dcp_resume")
+    mgr = CheckpointManager(run_dir, verbose=False)
+
+    assert mgr.find_latest_checkpoint() == str(run_dir / "step_1")
+    assert re.search(rf"Skipping checkpoint {re.escape(str(bad))}: {reason}", caplog.text), caplog.text
+    caplog.clear()
+    assert mgr.load_checkpoint()["tag"] == "step 1" and mgr.loaded_metadata["step"] == 1  # auto-resume
+    assert re.search(rf"Skipping checkpoint {re.escape(str(bad))}: {reason}", caplog.text), caplog.text
+
+    expected = (rf"^{re.escape(str(bad))} fails verification: {reason}" if error is CorruptCheckpointError
+                else rf"^{re.escape(str(bad))} is not a complete checkpoint \({reason}")
+    with pytest.raises(error, match=expected):
+        mgr.load_checkpoint(str(bad))  # explicit: no fallback
+    assert issubclass(error, ValueError)
+
+
+def test_verification_is_cached_until_a_file_changes(run_dir, monkeypatch):
+    # A spy (the real function runs; it is only counted): how often files are hashed cannot be seen otherwise.
+    hashed = []
+    real = storage.file_hash
+    monkeypatch.setattr(storage, "file_hash", lambda p: hashed.append(p) or real(p))
+    mgr = CheckpointManager(run_dir, verbose=False)
+    path = mgr.find_latest_checkpoint()
+    assert path == str(run_dir / "step_2") and len(hashed) == 4  # every file of step_2, once
+    mgr.load_checkpoint(path)
+    mgr.load_checkpoint()
+    assert len(hashed) == 4  # find_latest then load (explicit or auto): verified once
+    flip_bit(run_dir / "step_2" / SHARD)  # rewritten after the check: the cache does not hide it
+    with pytest.raises(CorruptCheckpointError, match=f"{SHARD} content hash mismatch"):
+        mgr.load_checkpoint(path)
+
+
+def test_checkpoint_without_hashes_verifies_by_size_with_a_debug_note(run_dir, caplog):
+    meta_path = run_dir / "step_2" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["files"] = {rel: {"size": info["size"]} for rel, info in meta["files"].items()}  # as written before hashes
+    meta_path.write_text(json.dumps(meta))
+    caplog.set_level("DEBUG", logger="dcp_resume")
+    mgr = CheckpointManager(run_dir)  # verbose: debug notes on
+    assert mgr.load_checkpoint()["tag"] == "step 2"
+    assert (f"{run_dir / 'step_2'}: 4 file(s) carry no xxh3_64 (written before dcp-resume recorded content "
+            "hashes), checked by size only") in caplog.text
+    assert "Skipping" not in caplog.text
+
+
+def test_saving_over_a_corrupt_checkpoint_replaces_it(run_dir, caplog):
+    """Resumed from step_1 after step_2 failed its hashes, the run saves step_2 again: the corrupt one is
+    replaced (with a warning) instead of blocking the save as an existing committed checkpoint."""
+    flip_bit(run_dir / "step_2" / SHARD)
+    caplog.set_level("WARNING", logger="dcp_resume")
+    with CheckpointManager(run_dir, keep_last_n=None, verbose=False) as mgr:
+        assert mgr.load_checkpoint()["tag"] == "step 1"
+        mgr.save_checkpoint({"model": Tiny(), "tag": "step 2 again"}, step=2)
+    assert re.search(rf"Replacing checkpoint {re.escape(str(run_dir / 'step_2'))}, which fails verification: "
+                     rf"{SHARD} content hash mismatch", caplog.text), caplog.text
+    assert CheckpointManager(run_dir, verbose=False).load_checkpoint()["tag"] == "step 2 again"
+
+
+def test_cli_latest_skips_a_corrupt_checkpoint(run_dir):
+    flip_bit(run_dir / "step_2" / SHARD)
+    out = run([sys.executable, "-m", "dcp_resume.cli", "latest", str(run_dir)])
+    assert out.stdout.strip() == str(run_dir / "step_1")
+    assert f"Skipping checkpoint {run_dir / 'step_2'}: {SHARD} content hash mismatch" in out.stderr
