@@ -11,8 +11,7 @@ from typing import Any, Callable
 from torch.distributed.checkpoint import CheckpointException
 
 from . import artifacts as artifacts_mod
-from . import dcp_io, layout, live_state, storage
-from . import integrity, savedir_lock
+from . import dcp_io, disk_guard, integrity, layout, live_state, savedir_lock, storage
 from .distributed import CommitGroup, is_distributed, rank, world_size
 from .errors import (
     CheckpointExistsError,
@@ -62,7 +61,7 @@ class CheckpointManager:
                  enable_preemption_handling: bool = True, verbose: bool = True, *,
                  config: Any = None, keep_best: bool = True, collective_timeout_s: float = 600.0,
                  preemption_signals=DEFAULT_SIGNALS, async_save: bool = False,
-                 on_commit: Callable[[str], None] | None = None):
+                 on_commit: Callable[[str], None] | None = None, low_disk_policy: str = "skip"):
         if save_dir is None or str(save_dir) == "":
             raise ValueError("save_dir is empty; pass the directory that holds (or will hold) checkpoints")
         validate_keep_last_n(keep_last_n)
@@ -78,6 +77,8 @@ class CheckpointManager:
         self.history: list[dict[str, Any]] = []  # training_stats.json when the caller passes none
         self.loaded_metadata: dict[str, Any] | None = None
         self._group = CommitGroup(collective_timeout_s)
+        disk_guard.validate_policy(low_disk_policy)
+        self.low_disk_policy = low_disk_policy  # periodic saves when space is short: "skip" or "fail"
         self.async_save = async_save
         self.on_commit = on_commit  # called on rank 0 with the path of each committed checkpoint
         self.last_blocking_s: float | None = None  # how long the last save_checkpoint call blocked
@@ -116,21 +117,24 @@ class CheckpointManager:
     def save_checkpoint(self, state: dict[str, Any], step: int, epoch: int = 0, is_best: bool = False,
                         extra_artifacts: dict[str, Any] | None = None, *, kind: str = "step",
                         metrics: dict[str, Any] | None = None, best_metric: Any = None,
-                        config: Any = None, training_stats: Any = None) -> str:
+                        config: Any = None, training_stats: Any = None) -> str | None:
         """Write `state` as checkpoint `step_<step>/` (`epoch<epoch>/` for kind='epoch') and commit it.
 
         Sync: returns the path once metadata.json is durable. Async (`async_save=True`): returns the path
         the checkpoint will have as soon as `state` is copied into the staging buffers; writing and the
         commit go on in the background (`on_commit` runs when it lands). At most one save is in flight:
         this call first waits for the previous one and raises its error, if any. Collective: every rank
-        calls it with the same step, kind and artifact names.
+        calls it with the same step, kind and artifact names. Returns None, having written nothing, when a
+        periodic save is skipped for lack of disk space (`low_disk_policy="skip"`).
         """
         t0 = time.perf_counter()
         artifacts_mod.check(extra_artifacts)
         self.wait()
         path = os.path.join(self.save_dir, layout.checkpoint_name(kind, step, epoch))
         with self._failures_named(f"save of step {step} to {path}"):
-            self._on_rank0_then_share(lambda: self._prepare_target(path))
+            low_disk = self._on_rank0_then_share(lambda: self._prepare_target(path, kind))
+            if low_disk:
+                return None
             payload = live_state.to_save(state)
             extras = artifacts_mod.gather_full_tensors(extra_artifacts)
         if training_stats is None:
@@ -226,13 +230,23 @@ class CheckpointManager:
         background thread (with its own gloo group) for async ones."""
         step = commit["step"]
         state_dir = os.path.join(path, layout.STATE_DIR)
-        with self._failures_named(f"save of step {step} to {path}"):
-            dcp_io.save(payload, state_dir, group.group)
-            mine = {f"{layout.STATE_DIR}/{n}": storage.file_info(os.path.join(state_dir, n))
-                    for n in dcp_io.shard_files_of_rank(state_dir, rank())}
-            reported = group.gather(mine)
-        with self._failures_named(f"commit of step {step} to {path}"):
-            self._on_rank0_then_share(lambda: self._commit(path, reported, extras=extras, **commit), group)
+        try:
+            with self._failures_named(f"save of step {step} to {path}"):
+                dcp_io.save(payload, state_dir, group.group)
+                mine = {f"{layout.STATE_DIR}/{n}": storage.file_info(os.path.join(state_dir, n))
+                        for n in dcp_io.shard_files_of_rank(state_dir, rank())}
+                reported = group.gather(mine)
+            with self._failures_named(f"commit of step {step} to {path}"):
+                self._on_rank0_then_share(lambda: self._commit(path, reported, extras=extras, **commit), group)
+        except BaseException as e:
+            # Every rank is past its writes once an error is shared; rank 0 drops the uncommitted directory
+            # (e.g. after ENOSPC) so it takes no space. The previous checkpoints are untouched.
+            if rank() == 0 and not os.path.exists(os.path.join(path, layout.METADATA_FILE)):
+                storage.remove_tree(path)
+            if isinstance(e, OSError):  # a disk error (ENOSPC, EIO) while writing side files or the commit
+                raise CheckpointSaveError(f"save of step {step} to {path} failed: {e}. The previous checkpoint "
+                                          "stays the latest") from e
+            raise
         if rank() == 0:
             self._apply_retention(live=frozenset())
             size = sum(os.path.getsize(os.path.join(path, f)) for f in storage.list_files(path))
@@ -255,20 +269,23 @@ class CheckpointManager:
                 f"wait at most collective_timeout_s={self._group.timeout_s:g}s); the previous checkpoint "
                 "stays the latest") from e
 
-    def _on_rank0_then_share(self, fn, group: CommitGroup | None = None) -> None:
-        """Run fn on rank 0 and raise its exception (if any) on every rank, so no rank hangs or
+    def _on_rank0_then_share(self, fn, group: CommitGroup | None = None) -> Any:
+        """Run fn on rank 0; every rank returns its result or raises its exception, so no rank hangs or
         goes on alone."""
-        error = None
+        result = error = None
         if rank() == 0:
             try:
-                fn()
+                result = fn()
             except Exception as e:  # shared below, re-raised on every rank
                 error = e
-        error = (group or self._group).broadcast(error)
+        result, error = (group or self._group).broadcast((result, error))
         if error is not None:
             raise error
+        return result
 
-    def _prepare_target(self, path: str) -> None:
+    def _prepare_target(self, path: str, kind: str) -> bool:
+        """Rank 0, before a save: lock, refuse to overwrite, clean leftovers, check free space, make the
+        directory. Returns True when a periodic save is skipped for lack of disk space."""
         if self._lock is None:
             self._lock = savedir_lock.acquire(self.save_dir, owner=self)
         info = layout.inspect_dir(path)
@@ -287,7 +304,18 @@ class CheckpointManager:
             logger.info("Removing incomplete checkpoint before rewriting it: %s (%s)", path, info.reason)
         if os.path.isdir(path):
             storage.remove_tree(path)
+        short = disk_guard.shortfall(self.save_dir)
+        if short is not None:
+            why = disk_guard.describe(self.save_dir, *short)
+            if kind in ("preemption", "final"):
+                logger.warning("LOW DISK SPACE: %s. Attempting the %s checkpoint anyway", why, kind)
+            elif self.low_disk_policy == "skip":
+                logger.warning("LOW DISK SPACE: skipping the %s checkpoint %s: %s", kind, path, why)
+                return True
+            else:
+                raise CheckpointSaveError(f"not saving {path}: {why} (low_disk_policy='fail')")
         os.makedirs(os.path.join(path, layout.STATE_DIR))
+        return False
 
     def _commit(self, path: str, reported: list[dict], *, step, epoch, kind, is_best, metrics,
                 best_metric, config, training_stats, extras) -> None:

@@ -85,3 +85,11 @@ def remove_tree(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(parent):
         fsync_dir(parent)
+
+
+def free_bytes(path: str) -> int:
+    """Free space on the filesystem holding path (or its nearest existing parent)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free

@@ -1,0 +1,34 @@
+"""Is there room for the next checkpoint? Estimated from the size of the latest complete one.
+
+A periodic save that would run out of disk half way only produces an incomplete directory (and, on a
+shared filesystem, trouble for everyone else); skipping it keeps the previous checkpoint as the latest.
+"""
+from __future__ import annotations
+
+import os
+
+from . import layout, storage
+
+POLICIES = ("skip", "fail")
+MARGIN = 1.1  # the next checkpoint may be a little larger (optimizer state appears, stats grow)
+
+
+def validate_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"low_disk_policy={policy!r} must be one of {', '.join(POLICIES)}")
+
+
+def shortfall(save_dir: str) -> tuple[int, int] | None:
+    """(bytes needed, bytes free) when the free space in save_dir is below the estimate, else None.
+    No estimate before the first checkpoint."""
+    latest = layout.latest_complete(save_dir)
+    if latest is None:
+        return None
+    needed = int(MARGIN * sum(int(f.get("size", 0)) for f in latest.meta["files"].values()))
+    free = storage.free_bytes(save_dir)
+    return (needed, free) if free < needed else None
+
+
+def describe(save_dir: str, needed: int, free: int) -> str:
+    return (f"only {free / 1e9:.2f} GB free in {os.path.abspath(save_dir)}, and the next checkpoint needs about "
+            f"{needed / 1e9:.2f} GB (the last one plus 10%); free space or lower --keep_last_n")
