@@ -237,7 +237,8 @@ class CheckpointManager:
                         for n in dcp_io.shard_files_of_rank(state_dir, rank())}
                 reported = group.gather(mine)
             with self._failures_named(f"commit of step {step} to {path}"):
-                self._on_rank0_then_share(lambda: self._commit(path, reported, extras=extras, **commit), group)
+                size = self._on_rank0_then_share(lambda: self._commit(path, reported, extras=extras, **commit),
+                                                 group)
         except BaseException as e:
             # Every rank is past its writes once an error is shared; rank 0 drops the uncommitted directory
             # (e.g. after ENOSPC) so it takes no space. The previous checkpoints are untouched.
@@ -248,8 +249,7 @@ class CheckpointManager:
                                           "stays the latest") from e
             raise
         if rank() == 0:
-            self._apply_retention(live=frozenset())
-            size = sum(os.path.getsize(os.path.join(path, f)) for f in storage.list_files(path))
+            self._apply_retention()
             logger.info("Saved checkpoint: %s (%.1f MB, %.2f s)", path, size / 1e6, time.perf_counter() - t0)
             if self.on_commit is not None:
                 self.on_commit(path)
@@ -296,7 +296,7 @@ class CheckpointManager:
                 f"{info.meta.get('kind')}); refusing to overwrite it. Use a new save_dir, or remove it "
                 f"first (dcp-resume prune)")
         if not self._cleaned_at_start:
-            self._apply_retention(live=frozenset(), complete_too=False)
+            self._apply_retention(complete_too=False)
             self._cleaned_at_start = True
         if damage is not None:
             logger.warning("Replacing checkpoint %s, which fails verification: %s", path, damage)
@@ -318,8 +318,9 @@ class CheckpointManager:
         return False
 
     def _commit(self, path: str, reported: list[dict], *, step, epoch, kind, is_best, metrics,
-                best_metric, config, training_stats, extras) -> None:
-        """Rank 0, after every rank wrote its shards: side files, then metadata.json last."""
+                best_metric, config, training_stats, extras) -> int:
+        """Rank 0, after every rank wrote its shards: side files, then metadata.json last. Returns the
+        bytes the checkpoint's listed files take."""
         files: dict[str, dict] = {}
         for rank_files in reported:
             files.update(rank_files)
@@ -341,10 +342,11 @@ class CheckpointManager:
                                      is_best=is_best, metrics=metrics, best_metric=best_metric, files=files)
         storage.commit_json_atomically(os.path.join(path, layout.METADATA_FILE), meta)
         storage.fsync_dir(self.save_dir)
+        return sum(info["size"] for info in files.values())
 
-    def _apply_retention(self, live: frozenset[str], complete_too: bool = True) -> None:
+    def _apply_retention(self, complete_too: bool = True) -> None:
         infos = layout.list_checkpoints(self.save_dir)
-        for info in plan_removals(infos, self.keep_last_n if complete_too else None, self.keep_best, live):
+        for info in plan_removals(infos, self.keep_last_n if complete_too else None, self.keep_best):
             why = "retention" if info.complete else f"incomplete: {info.reason}"
             logger.info("Removing checkpoint %s (%s)", info.path, why)
             storage.remove_tree(info.path)

@@ -10,12 +10,13 @@ def validate_keep_last_n(keep_last_n: int | None) -> None:
                          "checkpoint); a policy that keeps nothing would delete the checkpoint to resume from")
 
 
-def plan_removals(infos: list[CheckpointInfo], keep_last_n: int | None, keep_best: bool = True,
-                  live: frozenset[str] = frozenset()) -> list[CheckpointInfo]:
+def plan_removals(infos: list[CheckpointInfo], keep_last_n: int | None,
+                  keep_best: bool = True) -> list[CheckpointInfo]:
     """Directories to delete: complete ones beyond the newest keep_last_n (never the newest, never the
-    newest marked is_best when keep_best), and every incomplete one that no live save is writing."""
+    newest marked is_best when keep_best), and every incomplete one. No save of ours is writing while this
+    runs: at most one is in flight, and retention runs after its commit or before the next one starts."""
     complete = sorted((i for i in infos if i.complete), key=lambda i: i.order, reverse=True)
-    doomed = [i for i in infos if not i.complete and i.path not in live]
+    doomed = [i for i in infos if not i.complete]
     if keep_last_n is not None and complete:
         keep = {i.path for i in complete[:keep_last_n]}
         best = next((i for i in complete if i.meta.get("is_best")), None)
