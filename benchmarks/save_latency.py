@@ -2,15 +2,30 @@
 
     python benchmarks/save_latency.py --quick --out runs/bench
     torchrun --nproc_per_node 2 benchmarks/save_latency.py --sizes 64 128 --repeats 5 --out runs/bench
+    torchrun --nproc_per_node 2 benchmarks/save_latency.py --quick --save-dir /mnt/other_fs/bench --out runs/bench
+    torchrun --nproc_per_node 2 benchmarks/save_latency.py --sizes 32 --save-dir s3://bucket/bench --out runs/bench_s3
+    python benchmarks/run_with_s3_emulator.py -- torchrun --nproc_per_node 2 benchmarks/save_latency.py \\
+        --sizes 32 --save-dir s3://bench/run --out runs/bench_s3     # moto's S3 emulator on 127.0.0.1
 
 State = a stack of fp32 Linear layers of --sizes MB per rank plus AdamW's two moments (about 3x).
 Methods: torch_save_rank0 (full state on rank 0, torch.save, fsync), dcp_sync (dcp.save), dcp_async_thread
-(dcp.async_save, thread mode), engine_sync and engine_async (dcp_resume.CheckpointManager). Per method:
-median and spread of blocking_s (what the caller waits), total_s (until committed and durable), load_s,
-peak RSS growth, and step_slowdown (training-like steps while a background save runs, relative to
-steps without one). The first (cold) save is reported apart. Floors: memcpy_gbps (copy into
-preallocated buffers), write_gbps (write+fsync, one writer per rank), read_gbps; on CUDA also d2h_gbps.
-Writes DIR/save_latency.json, DIR/save_latency.md and (with matplotlib) DIR/save_latency.png.
+(dcp.async_save, thread mode), engine_sync and engine_async (dcp_resume.CheckpointManager). Every method's
+state is built first; then each round saves with every method once, in an order that changes every round
+(so drift of a shared disk's write-back state hits all methods alike, and no method always follows the same
+one). Round 0 is the cold save, reported apart; the --repeats warm rounds give median and spread of
+blocking_s (what the caller waits), total_s (until committed and durable) and load_s (timed right after
+each warm save), plus peak RSS growth and step_slowdown (training-like steps while a background save runs,
+relative to steps without one). Engine methods also get hash_s: hashing that rank's checkpoint files with
+dcp_resume.storage.file_hash right after the save (page cache), timed outside the save, as the engine does
+inside it. Floors, best of 3 each (see _bench_floors.py): memcpy_gbps, write_gbps (write+fsync, one writer
+per rank), read_gbps (page-cache read, as a load right after a save), cold_read_gbps (after evicting the
+file's pages); on CUDA also d2h_gbps. Checkpoints and floor files go to --save-dir (default OUT/ckpt); only
+what the run created there is removed. --save-dir may be a URL (s3://bucket/prefix, gs://, memory://): every
+method then writes and reads through fsspec (DCP's FsspecWriter/FsspecReader, torch.save/load on fsspec
+streams, the engine on the URL), the floors become one PUT / one GET of an object per rank, and hash_s reads
+the shards back from the store, as the engine does there; compare_runs.py puts such a run beside a local one.
+Writes OUT/save_latency.json, OUT/save_latency.md (with a Targets section) and (with matplotlib)
+OUT/save_latency.png.
 """
 from __future__ import annotations
 
@@ -23,34 +38,22 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader  # noqa: E402
+from _bench_floors import all_gather, barrier, broadcast, log, measure_floors, rank, world  # noqa: E402
+from _bench_report import compute_targets, report  # noqa: E402
 
-from dcp_resume import CheckpointManager  # noqa: E402
+from dcp_resume import CheckpointManager, storage  # noqa: E402
+from dcp_resume import dcp_io, layout  # noqa: E402
 
 METHODS = ("torch_save_rank0", "dcp_sync", "dcp_async_thread", "engine_sync", "engine_async")
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def log(msg: str) -> None:
-    if rank() == 0:
-        print(msg, flush=True)
 
 
 # -- state --------------------------------------------------------------------------------------
@@ -117,52 +120,29 @@ def steps_while(done: threading.Event | None, x: torch.Tensor, n_max: int = 200)
     return times
 
 
+def remove(path: str) -> None:
+    if storage.is_url(path):
+        storage.remove_tree(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def dcp_target(path: str, load: bool = False) -> dict:
+    """dcp.save/async_save/load keyword for `path`: plain DCP on a local path (checkpoint_id, FileSystemWriter
+    with fsync), DCP's fsspec writer/reader on a URL (the writer the engine uses there: no fsync)."""
+    if not storage.is_url(path):
+        return {"checkpoint_id": path}
+    if load:
+        return {"storage_reader": FsspecReader(path, use_listings_cache=False, **storage.options_for(path))}
+    return {"storage_writer": dcp_io._writer(path)}
+
+
 def fsync_tree(path: str) -> None:
     for root, _, files in os.walk(path):
         for f in files:
             fd = os.open(os.path.join(root, f), os.O_RDONLY)
             os.fsync(fd)
             os.close(fd)
-
-
-# -- floors -------------------------------------------------------------------------------------
-def floors(nbytes: int, out: str, device: str) -> dict:
-    src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    t0 = time.perf_counter()
-    dst.copy_(src)
-    memcpy = nbytes / (time.perf_counter() - t0) / 1e9
-    path = os.path.join(out, f"floor_rank{rank()}.bin")
-    data = src.numpy().tobytes()
-    barrier()
-    t0 = time.perf_counter()
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    barrier()
-    write = nbytes * world() / (time.perf_counter() - t0) / 1e9
-    os.system("sync")
-    barrier()
-    t0 = time.perf_counter()
-    with open(path, "rb") as f:
-        while f.read(64 << 20):
-            pass
-    barrier()
-    read = nbytes * world() / (time.perf_counter() - t0) / 1e9
-    os.remove(path)
-    result = {"memcpy_gbps": memcpy, "write_gbps": write, "read_gbps": read}
-    if device == "cuda":
-        gpu = src.cuda()
-        pinned = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
-        pinned.copy_(gpu)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        pinned.copy_(gpu, non_blocking=True)
-        torch.cuda.synchronize()
-        result["d2h_gbps"] = nbytes / (time.perf_counter() - t0) / 1e9
-    return result
 
 
 # -- methods ------------------------------------------------------------------------------------
@@ -173,16 +153,20 @@ def save_once(method: str, model, opt, path: str, mgr, x) -> dict:
     t0 = time.perf_counter()
     if method == "torch_save_rank0":
         if rank() == 0:
-            os.makedirs(path, exist_ok=True)
-            target = os.path.join(path, "state.pt")
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, target)
-            fsync_tree(path)
+            target, sd = os.path.join(path, "state.pt"), {"model": model.state_dict(), "optimizer": opt.state_dict()}
+            if storage.is_url(path):  # one streamed upload; durable when the object is closed
+                with storage.backend(target).fs.open(target, "wb") as f:
+                    torch.save(sd, f)
+            else:
+                os.makedirs(path, exist_ok=True)
+                torch.save(sd, target)
+                fsync_tree(path)
         blocking = time.perf_counter() - t0
     elif method == "dcp_sync":
-        dcp.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, checkpoint_id=path)
+        dcp.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, **dcp_target(path))
         blocking = time.perf_counter() - t0
     elif method == "dcp_async_thread":
-        future = dcp.async_save({"model": model.state_dict(), "optimizer": opt.state_dict()}, checkpoint_id=path)
+        future = dcp.async_save({"model": model.state_dict(), "optimizer": opt.state_dict()}, **dcp_target(path))
         blocking = time.perf_counter() - t0
         threading.Thread(target=lambda: (future.result(), done.set()), daemon=True).start()
         steps = steps_while(done, x)
@@ -202,11 +186,16 @@ def load_once(method: str, model, opt, path: str, mgr) -> float:
     barrier()
     t0 = time.perf_counter()
     if method == "torch_save_rank0":
-        sd = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+        target = os.path.join(path, "state.pt")
+        if storage.is_url(target):
+            with storage.backend(target).fs.open(target, "rb") as f:
+                sd = torch.load(f, map_location="cpu", weights_only=True)
+        else:
+            sd = torch.load(target, map_location="cpu", weights_only=True)
         model.load_state_dict(sd["model"])
     elif method.startswith("dcp"):
         sd = {"model": model.state_dict(), "optimizer": opt.state_dict()}
-        dcp.load(sd, checkpoint_id=path)
+        dcp.load(sd, **dcp_target(path, load=True))
     else:
         mgr.load_checkpoint(path, state={"model": model, "optimizer": opt})
     barrier()
@@ -217,116 +206,188 @@ def spread(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
-def measure(method: str, mb: int, repeats: int, out: str, device: str, x) -> dict:
-    model, opt = build_state(mb, device)
-    nbytes = state_bytes(model, opt)
-    root = os.path.join(out, "ckpt", f"{method}_{mb}")
-    if rank() == 0:
-        shutil.rmtree(root, ignore_errors=True)
+def hash_once(path: str) -> tuple[float, int]:
+    """(seconds until every rank has hashed the shard files it wrote into checkpoint `path`, bytes hashed by
+    all ranks): what the engine spends on storage.file_hash inside each save, timed here outside it. On a URL
+    that is a read back of every shard from the store."""
+    state_dir = os.path.join(path, layout.STATE_DIR)
+    names = dcp_io.shard_files_of_rank(state_dir, rank())
     barrier()
-    mgr = None
-    if method.startswith("engine"):
-        mgr = CheckpointManager(root, keep_last_n=2, verbose=False, enable_preemption_handling=False,
-                                async_save=method == "engine_async")
-    runs, loads = [], []
-    with PeakRSS() as rss:
-        for i in range(repeats + 1):  # the first is the cold save
-            path = os.path.join(root, f"step_{i + 1}")
-            runs.append(save_once(method, model, opt, path, mgr, x))
-            if i > 0:
-                loads.append(load_once(method, model, opt, path, mgr))
-            if rank() == 0 and not method.startswith("engine") and i > 1:
-                shutil.rmtree(os.path.join(root, f"step_{i - 1}"), ignore_errors=True)
-    if mgr:
-        mgr.close()
-    warm = runs[1:]
-    base = statistics.median(steps_while(None, x))
-    during = [t for r in warm for t in r["steps"]]
-    return {"method": method, "world_size": world(), "state_bytes": nbytes, "size_mb": mb,
-            "cold_blocking_s": runs[0]["blocking_s"], "cold_total_s": runs[0]["total_s"],
+    t0 = time.perf_counter()
+    mine = sum(storage.file_hash(os.path.join(state_dir, n))[0] for n in names)
+    barrier()
+    return time.perf_counter() - t0, sum(all_gather(mine))
+
+
+def rounds(methods: list[str], n_rounds: int) -> list[list[str]]:
+    """Round r runs every method once: the rows of a Williams design (base order 0, 1, n-1, 2, n-2, ...,
+    rotated by r), so the first method and each method's predecessor change from round to round."""
+    n, base, lo, hi = len(methods), [0], 1, len(methods) - 1
+    while len(base) < n:
+        base.append(lo)
+        lo += 1
+        if len(base) < n:
+            base.append(hi)
+            hi -= 1
+    return [[methods[(b + r) % n] for b in base] for r in range(n_rounds)]
+
+
+def prepare_save_dir(spec: str | None, out: str, options: dict | None = None) -> tuple[str, Callable[[], None]]:
+    """The one place that turns --save-dir into where this run writes: a new run directory (a key prefix on a
+    URL) inside it, and a cleanup that removes only what this run created."""
+    base = spec or os.path.join(out, "ckpt")
+    stamp = f"save_latency_{os.getpid()}_{time.strftime('%Y%m%d-%H%M%S')}"
+    if storage.is_url(base):
+        storage.configure(base, options)  # on every rank: the options for every path under the URL
+        run_dir = broadcast(f"{base.rstrip('/')}/{stamp}")
+        storage.check_reachable(run_dir)  # a missing bucket or a dead endpoint: one clear error, on every rank
+        if rank() == 0:
+            storage.makedirs(run_dir)
+        barrier()
+        return run_dir, lambda: storage.remove_tree(run_dir) if rank() == 0 else None
+    base = os.path.abspath(base)
+    top = base  # the topmost directory this run creates, if any
+    while not os.path.exists(os.path.dirname(top)):
+        top = os.path.dirname(top)
+    created = broadcast(not os.path.exists(base))  # rank 0's view, before any rank creates it
+    run_dir = broadcast(os.path.join(base, stamp))
+    if rank() == 0:
+        os.makedirs(run_dir)
+    barrier()
+
+    def cleanup() -> None:
+        if rank() != 0:
+            return
+        shutil.rmtree(run_dir, ignore_errors=True)
+        d = base
+        while created:  # the directories above it that this run made, each only while empty
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+            if d == top:
+                break
+            d = os.path.dirname(d)
+
+    return run_dir, cleanup
+
+
+def measure_size(mb: int, methods: list[str], repeats: int, run_dir: str, device: str, x,
+                 options: dict | None = None) -> tuple[list, list]:
+    """Every method at one state size, interleaved: (results in `methods` order, the order of each round)."""
+    benches = {}
+    for m in methods:  # one model + AdamW per method, all built before the first save
+        model, opt = build_state(mb, device)
+        root = os.path.join(run_dir, f"{m}_{mb}")
+        mgr = (CheckpointManager(root, keep_last_n=2, verbose=False, enable_preemption_handling=False,
+                                 async_save=m == "engine_async", storage_options=options)
+               if m.startswith("engine") else None)
+        benches[m] = {"model": model, "opt": opt, "root": root, "mgr": mgr, "runs": [], "loads": [], "hashes": [],
+                      "hashed_bytes": 0, "rss": 0}
+    order = rounds(methods, repeats + 1)
+    base_steps = []
+    for i, names in enumerate(order):  # round 0 is the cold save of every method
+        base_steps += steps_while(None, x)
+        for m in names:
+            b = benches[m]
+            path = os.path.join(b["root"], f"step_{i + 1}")
+            with PeakRSS() as rss:
+                run = save_once(m, b["model"], b["opt"], path, b["mgr"], x)
+                if i > 0 and b["mgr"] is not None:
+                    hash_s, b["hashed_bytes"] = hash_once(path)
+                    b["hashes"].append(hash_s)
+                if i > 0:
+                    b["loads"].append(load_once(m, b["model"], b["opt"], path, b["mgr"]))
+            b["runs"].append(run)
+            b["rss"] = max(b["rss"], rss.growth)
+            if rank() == 0 and b["mgr"] is None and i > 1:  # the engine keeps the last 2 itself
+                remove(os.path.join(b["root"], f"step_{i - 1}"))
+            log(f"{'cold' if i == 0 else f'warm {i}/{repeats}'} {m:>17} {mb} MB params: "
+                f"blocking {run['blocking_s']:.3f} s, total {run['total_s']:.3f} s"
+                + (f", load {b['loads'][-1]:.3f} s" if i > 0 else "")
+                + (f", hash {b['hashes'][-1]:.3f} s" if i > 0 and b["hashes"] else ""))
+    base = statistics.median(base_steps)
+    results = []
+    for m in methods:
+        b = benches[m]
+        if b["mgr"] is not None:
+            b["mgr"].close()
+        warm, during = b["runs"][1:], [t for r in b["runs"][1:] for t in r["steps"]]
+        hash_s = spread(b["hashes"]) if b["hashes"] else None
+        results.append({
+            "method": m, "world_size": world(), "state_bytes": state_bytes(b["model"], b["opt"]), "size_mb": mb,
+            "cold_blocking_s": b["runs"][0]["blocking_s"], "cold_total_s": b["runs"][0]["total_s"],
             "blocking_s": spread([r["blocking_s"] for r in warm]), "total_s": spread([r["total_s"] for r in warm]),
-            "load_s": spread(loads), "peak_rss_growth_bytes": rss.growth,
-            "step_slowdown": (statistics.median(during) / base) if during else None, "repeats": repeats}
-
-
-# -- report -------------------------------------------------------------------------------------
-def report(result: dict, out: str) -> None:
-    with open(os.path.join(out, "save_latency.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    fl = result["floors"]
-    lines = [f"Machine: {result['machine']['summary']}", "",
-             f"Floors: memcpy {fl['memcpy_gbps']:.2f} GB/s, write+fsync {fl['write_gbps']:.2f} GB/s, "
-             f"read {fl['read_gbps']:.2f} GB/s" + (f", D2H {fl['d2h_gbps']:.2f} GB/s" if "d2h_gbps" in fl else ""),
-             "", "| method | ranks | state MB | blocking s | total s | load s | cold blocking s | "
-             "blocking / memcpy floor | GB/s of write floor | step slowdown | peak RSS +MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["results"]:
-        total_gb = r["state_bytes"] * r["world_size"] / 1e9
-        floor_s = r["state_bytes"] / 1e9 / fl["memcpy_gbps"]
-        slow = "-" if r["step_slowdown"] is None else f"{r['step_slowdown']:.2f}x"
-        lines.append(f"| {r['method']} | {r['world_size']} | {r['state_bytes'] / 2**20:.0f} | "
-                     f"{r['blocking_s']['median']:.3f} | {r['total_s']['median']:.3f} | {r['load_s']['median']:.3f} | "
-                     f"{r['cold_blocking_s']:.3f} | {r['blocking_s']['median'] / floor_s:.1f}x | "
-                     f"{total_gb / r['total_s']['median'] / fl['write_gbps']:.0%} | {slow} | "
-                     f"{r['peak_rss_growth_bytes'] / 2**20:.0f} |")
-    with open(os.path.join(out, "save_latency.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no save_latency.png")
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key in zip(axes, ("blocking_s", "total_s")):
-        for m in METHODS:
-            rows = sorted((r for r in result["results"] if r["method"] == m), key=lambda r: r["state_bytes"])
-            ax.plot([r["state_bytes"] / 2**20 for r in rows], [r[key]["median"] for r in rows], "o-", label=m)
-        ax.set_xlabel("state per rank (MB)")
-        ax.set_ylabel(f"{key} (median)")
-        ax.set_title(key)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "save_latency.png"), dpi=100)
+            "load_s": spread(b["loads"]), "hash_s": hash_s,
+            "hash_gbps": b["hashed_bytes"] / 1e9 / hash_s["median"] if hash_s else None,
+            "peak_rss_growth_bytes": b["rss"],
+            "step_slowdown": (statistics.median(during) / base) if during else None, "repeats": repeats})
+    return results, order
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 128], help="MB of model parameters per rank")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="warm rounds (after the cold one)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--quick", action="store_true", help="one size of ~288 MB of state, 3 repeats")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--out", default="runs/save_latency")
+    p.add_argument("--out", default="runs/save_latency", help="where the JSON, markdown and plot go")
+    p.add_argument("--save-dir", default=None, help="where checkpoints and floor files are written (default "
+                   "OUT/ckpt); a URL (s3://bucket/prefix, gs://, memory://) measures an object store through fsspec")
+    p.add_argument("--storage-options", default=None, metavar="JSON",
+                   help="fsspec options for a URL --save-dir (e.g. '{\"endpoint_url\": ...}'); credentials and "
+                   "endpoint otherwise come from the environment (AWS_*, AWS_ENDPOINT_URL, ~/.aws)")
     a = p.parse_args(argv)
+    options = None
+    if a.storage_options is not None:
+        try:
+            options = json.loads(a.storage_options)
+        except json.JSONDecodeError as e:
+            p.error(f"--storage-options is not JSON: {e}")
+        if not isinstance(options, dict):
+            p.error("--storage-options must be a JSON object")
+        if not (a.save_dir and storage.is_url(a.save_dir)):
+            p.error("--storage-options applies to a URL --save-dir only")
     if a.quick:
         a.sizes, a.repeats = [96], 3
+    if a.repeats < 1:
+        p.error("--repeats must be at least 1")
+    methods = [m for m in METHODS if m in a.methods]
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if a.device == "cuda" else "gloo")
     if a.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     os.makedirs(a.out, exist_ok=True)
-    x = torch.randn(256, 256, device=a.device) / 16
-    machine = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-               "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "world_size": world()}
-    machine["summary"] = (f"{machine['device']}, {machine['cpus']} CPUs, torch {machine['torch']}, "
-                          f"{world()} rank(s)")
-    fl = floors(max(a.sizes) * 3 * 2**20, a.out, a.device)
-    log(f"floors: {json.dumps({k: round(v, 2) for k, v in fl.items()})}")
-    results = []
-    for mb in a.sizes:
-        for m in a.methods:
-            r = measure(m, mb, a.repeats, a.out, a.device, x)
-            results.append(r)
-            log(f"{m:>18} {r['state_bytes'] / 2**20:7.0f} MB/rank: blocking {r['blocking_s']['median']:.3f} s, "
-                f"total {r['total_s']['median']:.3f} s, load {r['load_s']['median']:.3f} s"
-                + (f", step slowdown {r['step_slowdown']:.2f}x" if r["step_slowdown"] else ""))
-    if rank() == 0:
-        report({"machine": machine, "floors": fl, "results": results}, a.out)
-        shutil.rmtree(os.path.join(a.out, "ckpt"), ignore_errors=True)
+    run_dir, cleanup = prepare_save_dir(a.save_dir, a.out, options)
+    remote = storage.is_url(run_dir)
+    try:
+        x = torch.randn(256, 256, device=a.device) / 16
+        machine = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+                   "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "world_size": world()}
+        machine["summary"] = (f"{machine['device']}, {machine['cpus']} CPUs, torch {machine['torch']}, "
+                              f"{world()} rank(s)")
+        fl, trials = measure_floors(max(a.sizes) * 3 * 2**20, run_dir, a.device)
+        log(f"floors: {json.dumps({k: v if v is None else round(v, 2) for k, v in fl.items()})}")
+        results, schedule = [], {}
+        for mb in a.sizes:
+            rows, schedule[str(mb)] = measure_size(mb, methods, a.repeats, run_dir, a.device, x, options)
+            results += rows
+            for r in rows:
+                log(f"{r['method']:>18} {r['state_bytes'] / 2**20:7.0f} MB/rank: blocking "
+                    f"{r['blocking_s']['median']:.3f} s, total {r['total_s']['median']:.3f} s, load "
+                    f"{r['load_s']['median']:.3f} s" + (f", hash {r['hash_s']['median']:.3f} s" if r["hash_s"] else "")
+                    + (f", step slowdown {r['step_slowdown']:.2f}x" if r["step_slowdown"] else ""))
+        barrier()
+        if rank() == 0:
+            result = {"machine": machine, "run": {"save_dir": os.path.dirname(run_dir), "sizes": a.sizes,
+                                                  "storage": storage.backend(run_dir).protocol if remote else "local",
+                                                  "repeats": a.repeats, "rounds": schedule},
+                      "floors": fl, "floor_trials": trials, "results": results,
+                      "targets": compute_targets(results, fl, remote)}
+            report(result, a.out, METHODS)
+    finally:
+        cleanup()
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

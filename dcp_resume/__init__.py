@@ -9,6 +9,7 @@ from .errors import (  # noqa: E402
     CorruptCheckpointError,
     IncompleteCheckpointError,
     SaveDirLockedError,
+    StorageError,
     UnsafeCheckpointError,
 )
 from .experiment import ExperimentCheckpointer  # noqa: E402
@@ -17,4 +18,4 @@ from .preemption import PREEMPTED_EXIT_CODE  # noqa: E402
 
 __all__ = ["CheckpointManager", "PREEMPTED_EXIT_CODE", "ExperimentCheckpointer", "CheckpointExistsError", "CheckpointMismatchError", "CheckpointNotFoundError",
            "CheckpointSaveError", "CorruptCheckpointError", "IncompleteCheckpointError", "SaveDirLockedError",
-           "UnsafeCheckpointError", "__version__"]
+           "StorageError", "UnsafeCheckpointError", "__version__"]

@@ -22,12 +22,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.metadata as _dcp_metadata
 from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
+from . import storage
 from .distributed import is_distributed
 from .errors import CorruptCheckpointError, UnsafeCheckpointError
 
@@ -46,15 +48,32 @@ def _quiet_single_process():
         yield
 
 
+def _writer(state_dir: str):
+    """Local: DCP's FileSystemWriter with fsync. A URL: DCP's FsspecWriter, without DCP's fsync (an object is
+    durable when its upload returns; DCP would fall back to a machine-wide os.sync() per file)."""
+    if not storage.is_url(state_dir):
+        return dcp.FileSystemWriter(state_dir, sync_files=True)
+    return FsspecWriter(state_dir, sync_files=False, **_fs_options(state_dir))
+
+
+def _reader(state_dir: str):
+    if not storage.is_url(state_dir):
+        return SafeFileSystemReader(state_dir)
+    return SafeFsspecReader(state_dir, **_fs_options(state_dir))
+
+
+def _fs_options(url: str) -> dict[str, Any]:
+    return {"use_listings_cache": False, **storage.options_for(url)}
+
+
 def save(state_dict: dict[str, Any], state_dir: str, group) -> None:
     with _quiet_single_process():
-        dcp.save(state_dict, storage_writer=dcp.FileSystemWriter(state_dir, sync_files=True),
-                 process_group=group, no_dist=not is_distributed())
+        dcp.save(state_dict, storage_writer=_writer(state_dir), process_group=group, no_dist=not is_distributed())
 
 
 def load(template: dict[str, Any], state_dir: str, group) -> None:
     """Fills template in place (tensors copied into, other values replaced)."""
-    reader = SafeFileSystemReader(state_dir)
+    reader = _reader(state_dir)
     try:
         with _quiet_single_process():
             dcp.load(template, storage_reader=reader, planner=SafeLoadPlanner(reader),
@@ -67,7 +86,7 @@ def load(template: dict[str, Any], state_dir: str, group) -> None:
 
 
 def read_metadata(state_dir: str) -> Metadata:
-    return SafeFileSystemReader(state_dir).read_metadata()
+    return _reader(state_dir).read_metadata()
 
 
 # -- loading without running code from the checkpoint ----------------------------------------------
@@ -117,12 +136,12 @@ class _MetadataUnpickler(pickle.Unpickler):
                                     f"none) {_REFUSAL}")
 
 
-class SafeFileSystemReader(dcp.FileSystemReader):
-    """FileSystemReader whose read_metadata unpickles with _MetadataUnpickler instead of plain pickle."""
+class _SafeMetadata:
+    """read_metadata that unpickles with _MetadataUnpickler instead of plain pickle (mixed into readers)."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
-        with open(path, "rb") as f:
+        with self.fs.create_stream(path, "rb") as f:
             data = f.read()
         try:
             metadata = _MetadataUnpickler(io.BytesIO(data), str(path)).load()
@@ -138,6 +157,14 @@ class SafeFileSystemReader(dcp.FileSystemReader):
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class SafeFileSystemReader(_SafeMetadata, dcp.FileSystemReader):
+    """DCP's local reader, safe metadata."""
+
+
+class SafeFsspecReader(_SafeMetadata, FsspecReader):
+    """DCP's fsspec reader (URLs), safe metadata."""
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -202,7 +229,7 @@ def template_from_metadata(meta: Metadata, top_keys: set[str] | None, map_locati
 def shard_files_of_rank(state_dir: str, rank: int) -> list[str]:
     """Files this rank wrote into state/: DCP names them __<rank>_<n>.distcp; rank 0 also writes .metadata."""
     prefix = f"__{rank}_"
-    names = [n for n in os.listdir(state_dir) if n.startswith(prefix) and n.endswith(SHARD_SUFFIX)]
-    if rank == 0 and os.path.exists(os.path.join(state_dir, DCP_METADATA)):
+    names = [n for n in storage.listdir(state_dir) if n.startswith(prefix) and n.endswith(SHARD_SUFFIX)]
+    if rank == 0 and storage.exists(os.path.join(state_dir, DCP_METADATA)):
         names.append(DCP_METADATA)
     return sorted(names)

@@ -20,12 +20,12 @@ def validate_policy(policy: str) -> None:
 
 def shortfall(save_dir: str) -> tuple[int, int] | None:
     """(bytes needed, bytes free) when the free space in save_dir is below the estimate, else None.
-    No estimate before the first checkpoint."""
-    latest = layout.latest_complete(save_dir)
+    No estimate before the first checkpoint, and no check where free space is unknown (object stores)."""
+    free = storage.free_bytes(save_dir)
+    latest = layout.latest_complete(save_dir) if free is not None else None  # None: an object store
     if latest is None:
         return None
     needed = int(MARGIN * sum(int(f.get("size", 0)) for f in latest.meta["files"].values()))
-    free = storage.free_bytes(save_dir)
     return (needed, free) if free < needed else None
 
 

@@ -31,3 +31,7 @@ class UnsafeCheckpointError(ValueError):
 
 class SaveDirLockedError(FileExistsError):
     """Another live process holds the save_dir's lock file: one writer per save_dir."""
+
+
+class StorageError(OSError):
+    """A save_dir URL that cannot be used: unknown scheme, missing bucket, unreachable endpoint."""

@@ -8,8 +8,8 @@ files nor run before the first byte is used), and it costs one sequential read t
 page cache, so DCP's own read right after it is cheap. Measured here (benchmarks/hash_cost.py): xxh3_64 of
 a file in the page cache runs at ~9 GB/s on one core; a 200 MB load spent 20-50 ms verifying.
 
-Results are cached per process by the checkpoint's real path plus the stat signature (size, mtime, inode)
-of metadata.json and of every listed file, so a trainer that calls find_latest_checkpoint and then
+Results are cached per process by the checkpoint's real path (or URL) plus the signature of metadata.json
+and of every listed file (size, mtime, inode; on an object store size, ETag and modification time), so a trainer that calls find_latest_checkpoint and then
 load_checkpoint hashes once, and a file rewritten in between is hashed again. (A bit that rots on disk
 between the two calls without any write is not seen by the second call; it was verified moments before.)
 Files listed without a hash (checkpoints written before hashes existed) are checked by size only.
@@ -29,13 +29,9 @@ _verified: dict[tuple, str | None] = {}  # (realpath, stat signature) -> None (v
 
 def _signature(path: str, files: dict[str, Any]) -> tuple | None:
     try:
-        sig = []
-        for rel in [METADATA_FILE, *sorted(files)]:
-            st = os.stat(os.path.join(path, rel))
-            sig.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
+        return storage.signature(path, [METADATA_FILE, *sorted(files)])
     except OSError:
         return None
-    return (os.path.realpath(path), tuple(sig))
 
 
 def _hash_problem(path: str, files: dict[str, Any]) -> str | None:
@@ -69,7 +65,8 @@ def problem(info: CheckpointInfo) -> str | None:
     try:
         found = _hash_problem(info.path, files)
     except OSError as e:  # unreadable now (EIO, permissions, removed meanwhile): not cached, may be transient
-        return f"{os.path.relpath(e.filename or info.path, info.path)} unreadable ({e.strerror or e})"
+        where = os.path.relpath(e.filename, info.path) if isinstance(e.filename, str) else "a listed file"
+        return f"{where} unreadable ({e.strerror or e})"
     if key is not None:
         _verified[key] = found
     return found

@@ -17,6 +17,8 @@ STATS_FILE = "training_stats.json"
 KINDS = ("step", "epoch", "preemption", "final")
 RESERVED_NAMES = {METADATA_FILE, METADATA_FILE + ".tmp", STATE_DIR, CONFIG_FILE, STATS_FILE}
 CHECKPOINT_NAME = re.compile(r"^(step_\d+|epoch\d+)$")
+NO_DIR = "directory does not exist"
+NO_COMMIT = "no metadata.json (save interrupted before its commit)"
 REQUIRED_KEYS = ("format_version", "step", "epoch", "timestamp", "world_size", "kind", "is_best",
                  "metrics", "best_metric", "files")
 
@@ -68,14 +70,15 @@ def _safe_relpath(rel: str) -> bool:
 
 
 def inspect_dir(path: str) -> CheckpointInfo:
-    """Completeness check: metadata.json parses and lists files that exist with the recorded sizes."""
-    meta_path = os.path.join(path, METADATA_FILE)
-    if not os.path.isdir(path):
-        return CheckpointInfo(path, False, "directory does not exist")
-    if not os.path.isfile(meta_path):
-        return CheckpointInfo(path, False, "no metadata.json (save interrupted before its commit)")
+    """Completeness check: metadata.json parses and lists files that exist with the recorded sizes.
+    One listing of the directory (one LIST request on an object store) plus the read of metadata.json."""
+    present = storage.file_sizes(path)
+    if present is None:
+        return CheckpointInfo(path, False, NO_DIR)
+    if METADATA_FILE not in present:
+        return CheckpointInfo(path, False, NO_COMMIT)
     try:
-        meta = storage.read_json(meta_path)
+        meta = storage.read_json(os.path.join(path, METADATA_FILE))
     except (ValueError, OSError) as e:
         return CheckpointInfo(path, False, f"metadata.json does not parse ({type(e).__name__})")
     if not isinstance(meta, dict):
@@ -89,22 +92,19 @@ def inspect_dir(path: str) -> CheckpointInfo:
     for rel, info in sorted(files.items()):
         if not _safe_relpath(rel):
             return CheckpointInfo(path, False, f"metadata.json lists a path outside the checkpoint: {rel}", meta)
-        p = os.path.join(path, rel)
-        if not os.path.isfile(p):
+        if rel not in present:
             return CheckpointInfo(path, False, f"listed file missing: {rel}", meta)
         size = info.get("size") if isinstance(info, dict) else None
-        if size != os.path.getsize(p):
-            return CheckpointInfo(path, False, f"size mismatch: {rel} is {os.path.getsize(p)} bytes, "
+        if size != present[rel]:
+            return CheckpointInfo(path, False, f"size mismatch: {rel} is {present[rel]} bytes, "
                                                f"metadata.json says {size}", meta)
     return CheckpointInfo(path, True, "", meta)
 
 
 def list_checkpoints(save_dir: str) -> list[CheckpointInfo]:
     """Every step_*/epoch* directory in save_dir, complete or not; complete ones sorted oldest first."""
-    if not os.path.isdir(save_dir):
-        return []
-    infos = [inspect_dir(os.path.join(save_dir, n)) for n in os.listdir(save_dir)
-             if CHECKPOINT_NAME.match(n) and os.path.isdir(os.path.join(save_dir, n))]
+    infos = [inspect_dir(os.path.join(save_dir, n)) for n in storage.listdir(save_dir, dirs_only=True)
+             if CHECKPOINT_NAME.match(n)]
     return sorted(infos, key=lambda i: (i.complete, i.order, i.name))
 
 
@@ -125,7 +125,7 @@ def latest_verified(save_dir: str) -> CheckpointInfo | None:
 
     infos = list_checkpoints(save_dir)
     for info in infos:
-        if not info.complete and os.path.isfile(os.path.join(info.path, METADATA_FILE)):
+        if not info.complete and info.reason != NO_COMMIT:
             logger.warning("Skipping checkpoint %s: %s", info.path, info.reason)
     for info in sorted((i for i in infos if i.complete), key=lambda i: i.order, reverse=True):
         problem = integrity.problem(info)

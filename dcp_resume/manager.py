@@ -55,19 +55,30 @@ class CheckpointManager:
     `should_save(step)` (then collective too: call it every step on every rank) agrees on it across
     ranks and returns True, with `self.preempted` set: save with kind="preemption" and exit with
     PREEMPTED_EXIT_CODE (143). Handlers are restored by `close()`.
+
+    save_dir may be a URL (s3://bucket/run, gs://..., memory://...): it goes through fsspec with the same
+    commit protocol; `storage_options` (endpoint, credentials, ...) are passed to fsspec for it.
     """
 
     def __init__(self, save_dir: str | os.PathLike, save_interval: int = 100, keep_last_n: int | None = 3,
                  enable_preemption_handling: bool = True, verbose: bool = True, *,
                  config: Any = None, keep_best: bool = True, collective_timeout_s: float = 600.0,
                  preemption_signals=DEFAULT_SIGNALS, async_save: bool = False,
-                 on_commit: Callable[[str], None] | None = None, low_disk_policy: str = "skip"):
+                 on_commit: Callable[[str], None] | None = None, low_disk_policy: str = "skip",
+                 storage_options: dict[str, Any] | None = None):
         if save_dir is None or str(save_dir) == "":
             raise ValueError("save_dir is empty; pass the directory that holds (or will hold) checkpoints")
         validate_keep_last_n(keep_last_n)
         if save_interval is not None and (not isinstance(save_interval, int) or save_interval < 0):
             raise ValueError(f"save_interval={save_interval!r} must be an integer >= 0 (0 disables periodic saves)")
         self.save_dir = os.fspath(save_dir)
+        if storage.is_url(self.save_dir):  # s3://, gs://, memory://, file://: fsspec, same commit protocol
+            if storage_options is not None:
+                storage.configure(self.save_dir, storage_options)
+            storage.check_reachable(self.save_dir)
+        elif storage_options:
+            raise ValueError(f"storage_options were given but save_dir={self.save_dir!r} is a local path; they "
+                             "apply to URLs (s3://bucket/run, gs://...) only")
         self.save_interval = save_interval
         self.keep_last_n = keep_last_n
         self.keep_best = keep_best
@@ -242,7 +253,7 @@ class CheckpointManager:
         except BaseException as e:
             # Every rank is past its writes once an error is shared; rank 0 drops the uncommitted directory
             # (e.g. after ENOSPC) so it takes no space. The previous checkpoints are untouched.
-            if rank() == 0 and not os.path.exists(os.path.join(path, layout.METADATA_FILE)):
+            if rank() == 0 and not storage.exists(os.path.join(path, layout.METADATA_FILE)):
                 storage.remove_tree(path)
             if isinstance(e, OSError):  # a disk error (ENOSPC, EIO) while writing side files or the commit
                 raise CheckpointSaveError(f"save of step {step} to {path} failed: {e}. The previous checkpoint "
@@ -300,9 +311,9 @@ class CheckpointManager:
             self._cleaned_at_start = True
         if damage is not None:
             logger.warning("Replacing checkpoint %s, which fails verification: %s", path, damage)
-        elif os.path.isdir(path):
+        elif info.reason != layout.NO_DIR:
             logger.info("Removing incomplete checkpoint before rewriting it: %s (%s)", path, info.reason)
-        if os.path.isdir(path):
+        if info.reason != layout.NO_DIR:
             storage.remove_tree(path)
         short = disk_guard.shortfall(self.save_dir)
         if short is not None:
@@ -314,7 +325,7 @@ class CheckpointManager:
                 return True
             else:
                 raise CheckpointSaveError(f"not saving {path}: {why} (low_disk_policy='fail')")
-        os.makedirs(os.path.join(path, layout.STATE_DIR))
+        storage.makedirs(os.path.join(path, layout.STATE_DIR))
         return False
 
     def _commit(self, path: str, reported: list[dict], *, step, epoch, kind, is_best, metrics,
@@ -361,16 +372,16 @@ class CheckpointManager:
                     "directories (ones with a valid metadata.json)")
             return found
         path = os.fspath(checkpoint_path)
-        if not os.path.exists(path):
-            raise CheckpointNotFoundError(f"Checkpoint path does not exist: {path}")
-        if not os.path.isdir(path):
+        if storage.isfile(path):
             raise CheckpointNotFoundError(f"Checkpoint path is a file, not a checkpoint directory: {path}")
-        if not os.path.exists(os.path.join(path, layout.METADATA_FILE)) and layout.list_checkpoints(path):
+        if not storage.isdir(path):
+            raise CheckpointNotFoundError(f"Checkpoint path does not exist: {path}")
+        if not storage.exists(os.path.join(path, layout.METADATA_FILE)) and layout.list_checkpoints(path):
             raise CheckpointNotFoundError(
                 f"{path} is a save_dir, not a checkpoint; name one of its step_*/epoch* directories, or "
                 "resume from the latest with --auto_resume --save_dir " + path)
         state_dir = os.path.join(path, layout.STATE_DIR)
-        if not os.path.isdir(state_dir) or not os.listdir(state_dir):
+        if not storage.listdir(state_dir):
             raise CheckpointNotFoundError(
                 f"State file not found: {state_dir} is missing or empty; the save was interrupted or this "
                 "is not a dcp-resume checkpoint. List complete ones with `dcp-resume ls <save_dir>`")

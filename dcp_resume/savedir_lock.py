@@ -1,7 +1,8 @@
 """One writer per save_dir: `<save_dir>/.dcp-resume.lock`, taken by rank 0 at its first save, released by close().
 
-The lock file holds JSON {host, pid, start_time} and is created with O_CREAT|O_EXCL, so of two processes
-creating it at once exactly one succeeds. A second writer finds it and:
+The lock file holds JSON {host, pid, start_time} and is created exclusively (O_CREAT|O_EXCL locally, a
+conditional PUT with If-None-Match on S3), so of two processes creating it at once exactly one succeeds.
+On fsspec backends without a conditional create it is check-then-write: best-effort. A second writer finds it and:
 - refuses (SaveDirLockedError naming host, pid and since) while the holder is a live process, or runs on
   another host (whose processes cannot be checked from here);
 - takes it over with a warning when the holder is gone: same host and the pid is not running, is a zombie,
@@ -23,6 +24,7 @@ import time
 import weakref
 from typing import Any
 
+from . import storage
 from .errors import SaveDirLockedError
 from .layout import utc_now_iso
 from .logs import logger
@@ -54,7 +56,7 @@ class SaveDirLock:
                 return
             del _held[self.path]
             if _read(self.path) == entry[1]:  # still ours: not taken over or removed by hand meanwhile
-                os.unlink(self.path)
+                storage.remove_file(self.path)
 
 
 def acquire(save_dir: str, owner: Any = None) -> SaveDirLock:
@@ -67,8 +69,8 @@ def acquire(save_dir: str, owner: Any = None) -> SaveDirLock:
 
 
 def _acquire(save_dir: str) -> SaveDirLock:
-    os.makedirs(save_dir, exist_ok=True)
-    path = os.path.join(os.path.realpath(save_dir), LOCK_FILE)
+    storage.makedirs(save_dir)
+    path = os.path.join(storage.backend(save_dir).identity(save_dir), LOCK_FILE)
     with _mutex:
         entry = _held.get(path)
         if entry is not None and _read(path) == entry[1]:
@@ -95,22 +97,12 @@ def _acquire(save_dir: str) -> SaveDirLock:
 
 
 def _create(path: str, content: dict[str, Any]) -> bool:
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    try:
-        os.write(fd, (json.dumps(content, sort_keys=True) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return True
+    return storage.create_exclusive(path, (json.dumps(content, sort_keys=True) + "\n").encode())
 
 
 def _read_raw(path: str) -> bytes | None:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return storage.read_bytes(path)
     except FileNotFoundError:
         return None
 
@@ -140,7 +132,7 @@ def _stale(holder: dict[str, Any] | None, path: str) -> str | None:
     """Why the lock's holder is gone, or None when it may be alive."""
     if holder is None:
         try:
-            age = time.time() - os.path.getmtime(path)
+            age = time.time() - storage.mtime(path)
         except FileNotFoundError:
             return "it was removed"
         return f"it holds no readable owner and is {age:.0f} s old" if age > _UNREADABLE_GRACE_S else None
@@ -189,23 +181,20 @@ def _parse_time(ts: Any) -> float | None:
 def _remove_if_unchanged(path: str, stale_raw: bytes) -> bool:
     """Remove the stale lock, under a guard, only if it still holds `stale_raw`. False: someone else is at it."""
     guard = path + ".takeover"
-    try:
-        fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
+    if not storage.create_exclusive(guard, b""):
         try:
-            if time.time() - os.path.getmtime(guard) > _UNREADABLE_GRACE_S:
-                os.unlink(guard)  # left by a process that died mid-takeover
+            if time.time() - storage.mtime(guard) > _UNREADABLE_GRACE_S:
+                storage.remove_file(guard)  # left by a process that died mid-takeover
         except FileNotFoundError:
             pass
         return False
     try:
         if _read_raw(path) != stale_raw:
             return False
-        os.unlink(path)
+        storage.remove_file(path)
         return True
     finally:
-        os.close(fd)
-        os.unlink(guard)
+        storage.remove_file(guard)
 
 
 def _refusal(save_dir: str, path: str, holder: dict[str, Any] | None) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from .model import COMPRESSIONS
 
@@ -34,7 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_steps", type=int, default=None,
                    help="stop (without a final checkpoint) after this global step; for experiments")
     c = p.add_argument_group("checkpoints")
-    c.add_argument("--save_dir", default="runs/latentwire")
+    c.add_argument("--save_dir", default="runs/latentwire",
+                   help="a directory, or a URL (s3://bucket/run, gs://..., memory://...) written through fsspec")
+    c.add_argument("--storage_options", type=_json_object, default=None, metavar="JSON",
+                   help='fsspec options for a URL --save_dir, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'; '
+                        "credentials otherwise come from the library's environment (AWS_*). Never written to "
+                        "config.json or logs")
+    c.add_argument("--log_dir", default=None,
+                   help="where train.log goes (default: <save_dir>/logs for a local --save_dir; none for a URL)")
     c.add_argument("--save_every", type=int, default=100, help="steps between checkpoints; 0: only epoch/final")
     c.add_argument("--keep_last_n", type=int, default=3)
     c.add_argument("--async_save", dest="async_save", action="store_true", default=True,
@@ -53,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}); pass an object like '{{\"anon\": false}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -65,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--keep_last_n {args.keep_last_n}: must be >= 1")
     if args.auto_resume and args.resume_from:
         parser.error("--auto_resume and --resume_from both given; pick one")
+    if args.storage_options is not None and "://" not in args.save_dir:
+        parser.error(f"--storage_options apply to a URL --save_dir (s3://...), not the local path {args.save_dir}")
     if args.reset_epoch and not (args.auto_resume or args.resume_from):
         parser.error("--reset_epoch only makes sense with --resume_from PATH (or --auto_resume)")
     return args

@@ -49,8 +49,8 @@ def wrap(model: nn.Module, rt: Runtime, fsdp: bool) -> nn.Module:
     return model
 
 
-def setup_logging(save_dir: str, rt: Runtime) -> logging.Logger:
-    """Rank 0 logs to stdout and appends to <save_dir>/logs/train.log (kept across resumes)."""
+def setup_logging(log_dir: str | None, rt: Runtime) -> logging.Logger:
+    """Rank 0 logs to stdout and, with a log_dir, appends to <log_dir>/train.log (kept across resumes)."""
     log = logging.getLogger("latentwire")
     log.setLevel(logging.INFO if rt.is_main else logging.WARNING)
     log.propagate = False
@@ -59,9 +59,9 @@ def setup_logging(save_dir: str, rt: Runtime) -> logging.Logger:
         out = logging.StreamHandler(sys.stdout)
         out.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(out)
-        if rt.is_main:
-            os.makedirs(os.path.join(save_dir, "logs"), exist_ok=True)
-            f = logging.FileHandler(os.path.join(save_dir, "logs", "train.log"), mode="a")
+        if rt.is_main and log_dir is not None:
+            os.makedirs(log_dir, exist_ok=True)
+            f = logging.FileHandler(os.path.join(log_dir, "train.log"), mode="a")
             f.setFormatter(fmt)
             log.addHandler(f)
     return log

@@ -15,7 +15,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dcp_resume import PREEMPTED_EXIT_CODE, CheckpointManager, storage  # noqa: E402
+from dcp_resume import PREEMPTED_EXIT_CODE, CheckpointManager, StorageError, storage  # noqa: E402
 from dcp_resume.layout import STATS_FILE  # noqa: E402
 from dcp_resume.preemption import exit_preempted  # noqa: E402
 from dcp_resume.rng import RNGState  # noqa: E402
@@ -48,13 +48,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def recorded_config(args) -> dict:
+    """The run's flags as config.json records them: storage options may hold credentials, so only their
+    names are kept."""
+    config = dict(vars(args))
+    if config.get("storage_options"):
+        config["storage_options"] = {k: "<not recorded>" for k in config["storage_options"]}
+    return config
+
+
+def _same_place(a: str, b: str) -> bool:
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
 class Trainer:
     """One training run: builds everything from args, resumes if asked, trains, checkpoints."""
 
     def __init__(self, args):
         self.args = args
         self.rt = start()
-        self.log = setup_logging(args.save_dir, self.rt)
+        remote = "://" in args.save_dir
+        self.log = setup_logging(args.log_dir or (None if remote else os.path.join(args.save_dir, "logs")), self.rt)
         self.examples = load_examples(args.dataset, args.samples, seed=args.seed)
         self.cfg = ModelConfig(compression=args.compression, **(TINY if args.tiny else {}))
         torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -72,7 +88,8 @@ class Trainer:
                          "batch_size": args.batch_size, "world_size": self.rt.world_size}
         self.stats = {"steps": [], "evals": []}
         self.manager = CheckpointManager(args.save_dir, save_interval=args.save_every,
-                                         keep_last_n=args.keep_last_n, config=vars(args), verbose=False,
+                                         keep_last_n=args.keep_last_n, config=recorded_config(args), verbose=False,
+                                         storage_options=args.storage_options,
                                          async_save=args.async_save,
                                          collective_timeout_s=args.collective_timeout_s,
                                          on_commit=lambda path: self.log.info(f"Saved checkpoint: {path}"))
@@ -88,7 +105,7 @@ class Trainer:
                 return
         if path is None:
             return
-        if a.reset_epoch and os.path.abspath(os.path.dirname(os.path.normpath(path))) == os.path.abspath(a.save_dir):
+        if a.reset_epoch and _same_place(os.path.dirname(path.rstrip("/")), a.save_dir):
             raise ValueError(f"--reset_epoch restarts step numbers, so its checkpoints would mix with those already "
                              f"in --save_dir {a.save_dir}; pass a new --save_dir")
         state = {"model": self.model}
@@ -227,7 +244,7 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(args)
         trainer.resume()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one sentence, no traceback
+    except (ValueError, FileNotFoundError, StorageError) as e:  # bad input: one sentence, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

@@ -4,24 +4,146 @@ import json
 import os
 import sys
 
+import pytest
+
 from conftest import ROOT, run
 
 SAVE_LATENCY = os.path.join(ROOT, "benchmarks", "save_latency.py")
-
-KEYS = {"method", "world_size", "state_bytes", "blocking_s", "total_s", "load_s", "step_slowdown",
-        "cold_blocking_s", "cold_total_s", "peak_rss_growth_bytes"}
+METHODS = ["torch_save_rank0", "dcp_sync", "dcp_async_thread", "engine_sync", "engine_async"]
+KEYS = {"method", "world_size", "state_bytes", "size_mb", "blocking_s", "total_s", "load_s", "step_slowdown",
+        "cold_blocking_s", "cold_total_s", "peak_rss_growth_bytes", "hash_s", "hash_gbps", "repeats"}
+FLOORS = {"memcpy_gbps", "write_gbps", "read_gbps", "cold_read_gbps"}
+TARGETS = {"engine_async.blocking_s / memcpy floor time for its state",
+           "engine_async.blocking_s / dcp_async_thread.blocking_s", "engine_sync.total_s / dcp_sync.total_s",
+           "state bytes x ranks / engine_sync.total_s, of write_gbps",
+           "state bytes x ranks / engine_sync.load_s, of read_gbps (page cache)",
+           "engine_async.step_slowdown", "dcp_async_thread.step_slowdown"}
 
 
 def test_save_latency_smoke_writes_complete_json_and_table(tmp_path):
-    run([sys.executable, SAVE_LATENCY, "--sizes", "1", "--repeats", "1", "--out", str(tmp_path)])
-    report = json.load(open(tmp_path / "save_latency.json"))
-    assert set(report) == {"machine", "floors", "results"}
-    assert set(report["floors"]) >= {"memcpy_gbps", "write_gbps", "read_gbps"}
-    methods = [r["method"] for r in report["results"]]
-    assert methods == ["torch_save_rank0", "dcp_sync", "dcp_async_thread", "engine_sync", "engine_async"]
+    out, save_dir = tmp_path / "out", tmp_path / "other_fs" / "bench"
+    (tmp_path / "other_fs").mkdir()
+    (tmp_path / "other_fs" / "keep.txt").write_text("not the benchmark's")
+    run([sys.executable, SAVE_LATENCY, "--sizes", "1", "--repeats", "1", "--out", str(out),
+         "--save-dir", str(save_dir)])
+    report = json.load(open(out / "save_latency.json"))
+    assert set(report) == {"machine", "run", "floors", "floor_trials", "results", "targets"}
+    assert set(report["floors"]) >= FLOORS  # cold_read_gbps may be None where pages cannot be evicted
+    assert all(report["floors"][k] is not None for k in FLOORS - {"cold_read_gbps"})
+    assert all(len(report["floor_trials"][k]) == 3 for k in FLOORS - {"cold_read_gbps"})
+    rounds = report["run"]["rounds"]["1"]  # the cold round, then one warm: every method once each, reordered
+    assert len(rounds) == 2 and all(sorted(r) == sorted(METHODS) for r in rounds) and rounds[0] != rounds[1]
+    assert [r["method"] for r in report["results"]] == METHODS
     for r in report["results"]:
         assert KEYS <= set(r), KEYS - set(r)
-        assert {"median", "min", "max"} <= set(r["blocking_s"])
-    table = (tmp_path / "save_latency.md").read_text()
-    assert all(f"| {m} |" in table for m in methods)
+        for key in ("blocking_s", "total_s", "load_s"):
+            assert {"median", "min", "max"} <= set(r[key])
+        engine = r["method"].startswith("engine")
+        assert (r["hash_s"] is not None) == engine and (r["hash_gbps"] is not None) == engine
+        if engine:
+            assert {"median", "min", "max"} <= set(r["hash_s"])
+    targets = report["targets"]
+    assert {t["measure"] for t in targets} >= TARGETS - {"engine_async.step_slowdown",
+                                                          "dcp_async_thread.step_slowdown"}
+    for t in targets:
+        assert {"size_mb", "measure", "value", "unit", "op", "target", "met"} <= set(t)
+        assert (t["op"] is None) == t["measure"].endswith("step_slowdown")
+        assert t["met"] in ((None,) if t["op"] is None else (True, False))
+    table = (out / "save_latency.md").read_text()
+    assert all(f"| {m} |" in table for m in METHODS)
+    assert "### Targets" in table and "| hash s |" in table
+    # only what the run created is removed: the save dir it made, not the directory that was already there
+    assert not save_dir.exists() and (tmp_path / "other_fs" / "keep.txt").exists()
+    assert not (out / "ckpt").exists()
+
+
+def test_save_latency_default_save_dir_is_removed(tmp_path):
+    run([sys.executable, SAVE_LATENCY, "--sizes", "1", "--repeats", "1", "--methods", "engine_sync", "dcp_sync",
+         "--out", str(tmp_path)])
+    report = json.load(open(tmp_path / "save_latency.json"))
+    assert [r["method"] for r in report["results"]] == ["dcp_sync", "engine_sync"]
+    assert [t["measure"] for t in report["targets"]][0] == "engine_sync.total_s / dcp_sync.total_s"
     assert not (tmp_path / "ckpt").exists()
+
+
+# -- --save-dir URL: the object-store path through fsspec -----------------------------------------------------
+COMPARE = os.path.join(ROOT, "benchmarks", "compare_runs.py")
+EMULATOR_WRAPPER = os.path.join(ROOT, "benchmarks", "run_with_s3_emulator.py")
+URL_FLOORS = {"memcpy_gbps", "write_gbps", "read_gbps"}
+
+
+def check_url_report(report: dict, url: str, storage: str, methods: list[str]) -> None:
+    assert set(report) == {"machine", "run", "floors", "floor_trials", "results", "targets"}
+    assert report["run"]["save_dir"] == url and report["run"]["storage"] == storage
+    assert all(report["floors"][k] is not None and len(report["floor_trials"][k]) == 3 for k in URL_FLOORS)
+    assert report["floors"]["cold_read_gbps"] is None and report["floor_trials"]["cold_read_gbps"] == []
+    assert [r["method"] for r in report["results"]] == methods
+    for r in report["results"]:
+        assert KEYS <= set(r), KEYS - set(r)
+        assert (r["hash_s"] is not None) == r["method"].startswith("engine")
+    if "engine_sync" in methods:
+        measures = {t["measure"] for t in report["targets"]}
+        assert {"state bytes x ranks / engine_sync.total_s, of write_gbps (PUT)",
+                "state bytes x ranks / engine_sync.load_s, of read_gbps (GET)"} <= measures
+
+
+def test_save_latency_on_a_url_runs_every_method_through_fsspec(tmp_path):
+    """memory:// lives in one process, so one rank: covers the URL code path of every method cheaply."""
+    url = "memory://bench/run"
+    run([sys.executable, SAVE_LATENCY, "--sizes", "1", "--repeats", "1", "--out", str(tmp_path), "--save-dir", url])
+    report = json.load(open(tmp_path / "save_latency.json"))
+    check_url_report(report, url, "memory", METHODS)
+    table = (tmp_path / "save_latency.md").read_text()
+    assert f"Save dir: {url} (memory)" in table and "cold read n/a" in table
+    assert all(f"| {m} |" in table for m in METHODS)
+    # compare_runs: per-method ratios of two runs (here the run against itself: every ratio 1.00x)
+    out = run([sys.executable, COMPARE, str(tmp_path / "save_latency.json"), str(tmp_path / "save_latency.json"),
+               "--out", str(tmp_path / "compare.md")]).stdout
+    assert out == (tmp_path / "compare.md").read_text()
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line.split(" | ")[0][2:] in METHODS]
+    assert [r.split(" | ")[0][2:] for r in rows] == METHODS
+    for row in rows:
+        cells = row.strip("| ").split(" | ")
+        assert cells[5] == cells[8] == cells[11] == "1.00x", row  # blocking, total, load: B / A
+
+
+def test_save_latency_storage_options_need_a_url(tmp_path):
+    proc = run([sys.executable, SAVE_LATENCY, "--out", str(tmp_path), "--storage-options", "{}"], check=False)
+    assert proc.returncode == 2 and "applies to a URL --save-dir only" in proc.stderr
+
+
+@pytest.mark.slow
+def test_save_latency_on_s3_emulator_uses_storage_options_and_removes_only_its_prefix(tmp_path):
+    """moto's S3 emulator on 127.0.0.1 (not AWS). The endpoint reaches the benchmark only through
+    --storage-options (AWS_ENDPOINT_URL is unset for it, and tests/netguard refuses anything but 127.0.0.1), so
+    every method, floor and hash must use the options; the bucket keeps only what was there before."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    from s3_emulator import S3Emulator, restore_env
+
+    emu = S3Emulator()
+    saved = emu.apply_env()
+    try:
+        bucket = emu.new_bucket()
+        fs = emu.fs()
+        fs.pipe_file(f"{bucket}/bench/keep.txt", b"not the benchmark's")
+        os.environ.pop("AWS_ENDPOINT_URL")  # restored by restore_env
+        env = {k: v for k, v in emu.env.items() if k != "AWS_ENDPOINT_URL"}
+        url, methods = f"s3://{bucket}/bench", ["torch_save_rank0", "dcp_sync", "engine_sync"]
+        options = json.dumps({"client_kwargs": {"endpoint_url": emu.endpoint}})
+        run([sys.executable, SAVE_LATENCY, "--sizes", "1", "--repeats", "1", "--out", str(tmp_path), "--save-dir",
+             url, "--storage-options", options, "--methods", *methods], env=env)
+        check_url_report(json.load(open(tmp_path / "save_latency.json")), url, "s3", methods)
+        assert fs.find(bucket) == [f"{bucket}/bench/keep.txt"]
+    finally:
+        restore_env(saved)
+        emu.stop()
+
+
+def test_run_with_s3_emulator_gives_the_command_an_endpoint_and_a_bucket():
+    pytest.importorskip("moto")
+    code = ("import os, boto3; boto3.client('s3').head_bucket(Bucket='wrapped'); "
+            "print(os.environ['AWS_ENDPOINT_URL']); raise SystemExit(3)")
+    proc = run([sys.executable, EMULATOR_WRAPPER, "--bucket", "wrapped", "--", sys.executable, "-c", code], check=False)
+    assert proc.returncode == 3, proc.stderr  # the command's own status
+    assert proc.stdout.startswith("http://127.0.0.1:") and "not AWS" in proc.stderr

@@ -1,0 +1,4 @@
+"""The `dcp-resume` console script (see main.py)."""
+from .main import main
+
+__all__ = ["main"]

@@ -1,0 +1,81 @@
+"""`prune SAVE_DIR --keep N`: the engine's retention policy, run by hand."""
+from __future__ import annotations
+
+import argparse
+
+from .. import integrity, layout, retention, savedir_lock, storage
+from ..errors import SaveDirLockedError
+from .ls import by_position, engine_quiet
+from .main import EXIT_OK, positive_int, save_dir_arg, subparser
+
+EPILOG = """examples:
+  dcp-resume prune runs/exp1 --keep 3 --dry-run     show what would go; change nothing
+  dcp-resume prune runs/exp1 --keep 3               keep the newest 3 complete checkpoints and the best
+  dcp-resume prune runs/exp1 --keep 1 --no-keep-best
+
+The engine's retention (CheckpointManager keep_last_n): removes complete checkpoints beyond the newest N and
+every incomplete directory (interrupted saves). It never removes the newest complete checkpoint, nor the
+newest one saved with is_best unless --no-keep-best, nor the one --auto_resume would load (it reads the
+newest checkpoints' content hashes to find it, like `dcp-resume latest`, so damaged newer ones cannot push it
+out). Takes the save_dir lock (.dcp-resume.lock) while it runs, and refuses with exit 1 while a live training
+job holds it; --dry-run reads only and takes no lock.
+"""
+
+
+def register(sub) -> None:
+    p = subparser(sub, "prune", "remove old and incomplete checkpoints, as the engine's retention does", EPILOG)
+    p.add_argument("save_dir", metavar="SAVE_DIR")
+    p.add_argument("--keep", type=positive_int, required=True, metavar="N",
+                   help="keep the newest N complete checkpoints (N >= 1)")
+    p.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the newest checkpoint saved with is_best (default; --no-keep-best lets it go)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
+    p.set_defaults(run=run)
+
+
+def _plan(save_dir: str, keep: int, keep_best: bool) -> tuple[list, list, dict[str, str]]:
+    """(to remove, to keep, why each kept one is special)."""
+    infos = layout.list_checkpoints(save_dir)
+    doomed = retention.plan_removals(infos, keep, keep_best)
+    with engine_quiet():
+        resume = layout.latest_verified(save_dir)
+    notes: dict[str, str] = {}
+    if resume is not None:
+        notes[resume.path] = "--auto_resume loads it"
+        doomed = [i for i in doomed if i.path != resume.path]
+    for info in infos:  # kept by retention but passed over on resume (latest_verified cached the hashes)
+        if info.complete and (resume is None or info.order > resume.order) and integrity.problem(info):
+            notes[info.path] = "CORRUPT: `dcp-resume verify` names the file"
+    best = max((i for i in infos if i.complete and i.meta.get("is_best")), key=lambda i: i.order, default=None)
+    if best is not None and all(i.path != best.path for i in doomed):
+        notes[best.path] = ", ".join(filter(None, ["best", notes.get(best.path)]))
+    gone = {i.path for i in doomed}
+    return by_position(doomed), by_position([i for i in infos if i.path not in gone]), notes
+
+
+def _lock(save_dir: str) -> savedir_lock.SaveDirLock:
+    try:
+        return savedir_lock.acquire(save_dir)
+    except SaveDirLockedError as e:  # exit 1, naming the holder
+        raise SaveDirLockedError(f"not pruning: {e}. Prune once that job has ended; while it runs, its own "
+                                 "retention (keep_last_n) prunes") from None
+
+
+def run(args) -> int:
+    save_dir = save_dir_arg(args.save_dir)
+    lock = None if args.dry_run else _lock(save_dir)
+    try:
+        doomed, kept, notes = _plan(save_dir, args.keep, args.keep_best)
+        verb = "would remove" if args.dry_run else "removed"
+        for info in doomed:
+            if not args.dry_run:
+                storage.remove_tree(info.path)
+            why = f"incomplete: {info.reason}" if not info.complete else f"beyond the newest {args.keep}"
+            print(f"{verb} {info.name} ({why})")
+        kept_names = ", ".join(f"{i.name} ({notes[i.path]})" if i.path in notes else i.name for i in kept)
+        print(f"{'would keep' if args.dry_run else 'kept'} {len(kept)}: {kept_names or 'nothing'}"
+              + ("" if doomed else "; nothing to remove"))
+    finally:
+        if lock is not None:
+            lock.release()
+    return EXIT_OK

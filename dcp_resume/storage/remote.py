@@ -1,0 +1,140 @@
+"""The fsspec backend: a save_dir given as a URL (s3://, gs://, memory://, file://, ...).
+
+An object store has no atomic rename and no fsync, and none is needed: an object appears whole when its
+PUT completes, or not at all. So metadata.json, PUT last and alone by rank 0 after every rank's shards are
+uploaded, is the commit, exactly as on a local disk (Orbax's commit-file approach). "Directories" are key
+prefixes: one exists while any object lives under it.
+
+Listings are never cached (`use_listings_cache=False`): another process (the next rank, the next job)
+changes the store under us, and a stale listing would hide a commit or show a deleted checkpoint.
+"""
+from __future__ import annotations
+
+import posixpath
+from typing import Any, BinaryIO
+
+from ..errors import StorageError
+
+OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss", "r2"}  # protocols with buckets
+
+
+class FsspecBackend:
+    """Storage through one fsspec filesystem instance (fsspec caches instances per protocol + options)."""
+
+    is_remote = True
+
+    def __init__(self, url: str, options: dict[str, Any]):
+        from fsspec.core import url_to_fs
+
+        try:
+            self.fs, _ = url_to_fs(url, **{"use_listings_cache": False, **options})
+        except (ValueError, ImportError) as e:
+            raise StorageError(f"save_dir {url}: cannot open this URL ({e}). Known schemes include s3://, gs://, "
+                               "memory:// and file://; s3:// needs `pip install s3fs`, gs:// `pip install gcsfs`"
+                               ) from None
+        protocol = self.fs.protocol
+        self.protocol = protocol if isinstance(protocol, str) else protocol[0]
+        self.url = url
+
+    def _strip(self, path: str) -> str:
+        return self.fs._strip_protocol(path).rstrip("/")
+
+    def identity(self, path: str) -> str:
+        return f"{self.protocol}://{self._strip(path)}"
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def isdir(self, path: str) -> bool:
+        return self.fs.isdir(path)
+
+    def isfile(self, path: str) -> bool:
+        return self.fs.isfile(path)
+
+    def listdir(self, path: str, dirs_only: bool = False) -> list[str]:
+        try:
+            entries = self.fs.ls(path, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        base = self._strip(path)
+        return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries
+                      if (not dirs_only or e.get("type") == "directory") and e["name"].rstrip("/") != base)
+
+    def file_sizes(self, root: str) -> dict[str, int] | None:
+        found = self.fs.find(root, detail=True)
+        if not found:
+            return None
+        base = self._strip(root) + "/"
+        return {name[len(base):]: int(info.get("size") or 0) for name, info in found.items()
+                if name.startswith(base) and info.get("type") != "directory"}
+
+    def makedirs(self, path: str) -> None:
+        self.fs.makedirs(path, exist_ok=True)
+
+    def open_read(self, path: str) -> BinaryIO:
+        return self.fs.open(path, "rb")
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.fs.cat_file(path)
+
+    def write_durably(self, path: str, data: bytes) -> None:
+        self.fs.pipe_file(path, data)  # one PUT: durable when it returns
+
+    def commit_atomically(self, path: str, data: bytes) -> None:
+        self.fs.pipe_file(path, data)  # an object PUT is atomic: readers see the whole object or none
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """A conditional create where the backend has one (S3: If-None-Match: *; memory://); other fsspec
+        backends check-then-write, which is best-effort (two writers racing within one round trip can both
+        win)."""
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    def sync_dir(self, path: str) -> None:
+        """Nothing to sync: an object store has no directory entries."""
+
+    def remove_tree(self, path: str) -> None:
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def remove_file(self, path: str) -> None:
+        self.fs.rm_file(path)
+
+    def mtime(self, path: str) -> float:
+        return self.fs.modified(path).timestamp()
+
+    def free_bytes(self, path: str) -> int | None:
+        """Unknown for object stores (and effectively unbounded): the low-disk guard does not apply."""
+        return None
+
+    def signature(self, root: str, rels: list[str]) -> tuple[Any, ...] | None:
+        """Size plus whatever the store says changes on a rewrite (ETag, modification time)."""
+        try:
+            out = []
+            for rel in rels:
+                info = self.fs.info(posixpath.join(root, rel))
+                out.append((rel, info.get("size"), str(info.get("ETag") or info.get("etag") or ""),
+                            str(info.get("LastModified") or info.get("mtime") or info.get("created") or "")))
+            return tuple(out)
+        except OSError:
+            return None
+
+    def check_reachable(self, path: str) -> None:
+        """Fail early, naming the URL, when the bucket does not exist or the endpoint cannot be reached."""
+        if self.protocol not in OBJECT_STORES:
+            return
+        bucket = self._strip(path).split("/", 1)[0]
+        try:
+            found = self.fs.exists(bucket)
+        except Exception as e:  # endpoint down, DNS, credentials: botocore raises many kinds
+            raise StorageError(f"save_dir {path}: cannot reach {self.protocol}://{bucket} ({type(e).__name__}: "
+                               f"{e}). Check the endpoint (AWS_ENDPOINT_URL or storage_options) and the "
+                               "credentials") from None
+        if not found:
+            raise StorageError(f"save_dir {path}: bucket {bucket} does not exist or these credentials cannot see "
+                               f"it. Create it first (e.g. `aws s3 mb {self.protocol}://{bucket}`) or fix the URL")
