@@ -103,7 +103,7 @@ class FsspecBackend:
             pass
 
     def remove_file(self, path: str) -> None:
-        self.fs.rm_file(path)
+        self.fs.rm(path)
 
     def mtime(self, path: str) -> float:
         return self.fs.modified(path).timestamp()
