@@ -18,14 +18,20 @@ def validate_policy(policy: str) -> None:
         raise ValueError(f"low_disk_policy={policy!r} must be one of {', '.join(POLICIES)}")
 
 
-def shortfall(save_dir: str) -> tuple[int, int] | None:
+def shortfall(save_dir: str, last_bytes: int | None = None) -> tuple[int, int] | None:
     """(bytes needed, bytes free) when the free space in save_dir is below the estimate, else None.
-    No estimate before the first checkpoint, and no check where free space is unknown (object stores)."""
+    The estimate is the size of the last checkpoint: `last_bytes` (the writer's own last commit, so a save
+    lists nothing) or else the latest complete one on disk. No estimate before the first checkpoint, and no
+    check where free space is unknown (object stores)."""
     free = storage.free_bytes(save_dir)
-    latest = layout.latest_complete(save_dir) if free is not None else None  # None: an object store
-    if latest is None:
+    if free is None:
         return None
-    needed = int(MARGIN * sum(int(f.get("size", 0)) for f in latest.meta["files"].values()))
+    if last_bytes is None:
+        latest = layout.latest_complete(save_dir)
+        if latest is None:
+            return None
+        last_bytes = sum(int(f.get("size", 0)) for f in latest.meta["files"].values())
+    needed = int(MARGIN * last_bytes)
     return (needed, free) if free < needed else None
 
 

@@ -99,6 +99,7 @@ class CheckpointManager:
         self._in_flight: tuple[int, str, Any] | None = None
         self._cleaned_at_start = False
         self._lock: savedir_lock.SaveDirLock | None = None  # one writer per save_dir: taken at the first save
+        self._last_bytes: int | None = None  # size of this manager's last commit: the next one's space estimate
         self.preempted = False
         self._preemption = PreemptionHandler(preemption_signals) if enable_preemption_handling else None
         if self._preemption is not None:
@@ -259,6 +260,7 @@ class CheckpointManager:
                 raise CheckpointSaveError(f"save of step {step} to {path} failed: {e}. The previous checkpoint "
                                           "stays the latest") from e
             raise
+        self._last_bytes = size
         if rank() == 0:
             self._apply_retention()
             logger.info("Saved checkpoint: %s (%.1f MB, %.2f s)", path, size / 1e6, time.perf_counter() - t0)
@@ -315,7 +317,7 @@ class CheckpointManager:
             logger.info("Removing incomplete checkpoint before rewriting it: %s (%s)", path, info.reason)
         if info.reason != layout.NO_DIR:
             storage.remove_tree(path)
-        short = disk_guard.shortfall(self.save_dir)
+        short = disk_guard.shortfall(self.save_dir, self._last_bytes)
         if short is not None:
             why = disk_guard.describe(self.save_dir, *short)
             if kind in ("preemption", "final"):
