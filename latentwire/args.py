@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from dcp_resume.cli.main import json_object
 
 from .model import COMPRESSIONS
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("checkpoints")
     c.add_argument("--save_dir", default="runs/latentwire",
                    help="a directory, or a URL (s3://bucket/run, gs://..., memory://...) written through fsspec")
-    c.add_argument("--storage_options", type=_json_object, default=None, metavar="JSON",
+    c.add_argument("--storage_options", type=json_object, default=None, metavar="JSON",
                    help='fsspec options for a URL --save_dir, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'; '
                         "credentials otherwise come from the library's environment (AWS_*). Never written to "
                         "config.json or logs")
@@ -59,16 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on resume keep the weights (and optimizer) but restart epoch, step, data position "
                         "and LR schedule; needs a new --save_dir")
     return p
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e}); pass an object like '{{\"anon\": false}}'") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
-    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:

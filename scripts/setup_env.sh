@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
 python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
-pip install -q -e '.[dev]'
+pip install -q -c scripts/constraints.txt -e '.[dev]'
