@@ -121,7 +121,8 @@ def export(path: str, out: str, *, state_key: str = "model", prefix: str | None 
         for name, t in tensors.items():
             if t.is_floating_point():
                 tensors[name] = t.to(DTYPES[dtype])
-    write_atomically(tensors, out, fmt, {"format": "pt", "source": os.path.abspath(path),
+    source = path if storage.is_url(path) else os.path.abspath(path)
+    write_atomically(tensors, out, fmt, {"format": "pt", "source": source,
                                          "step": str(info.step), "state_key": state_key, "prefix": prefix or ""})
     return Exported(len(tensors), sum(t.numel() * t.element_size() for t in tensors.values()),
                     sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}), info.step)

@@ -55,3 +55,22 @@ def checker():
     def check(save_dir, deep=True):
         return run([sys.executable, CHECKER, str(save_dir)] + (["--deep"] if deep else []), check=False)
     return check
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """reference_run(nproc, kind, *extra): the save_dir of an uninterrupted, synchronously saving trainer run
+    with trainer_runs.BASE flags; made once per session for each launch and shared by the resume tests."""
+    from trainer_runs import BASE, launcher, train
+
+    made = {}
+
+    def get(nproc: int, kind: str, *extra: str):
+        key = (nproc, kind, extra)
+        if key not in made:
+            save_dir = tmp_path_factory.mktemp("reference")
+            train(launcher(nproc, kind), *BASE, *extra, "--save_dir", save_dir, "--no_async_save")
+            made[key] = save_dir
+        return made[key]
+
+    return get

@@ -24,10 +24,8 @@ TRAIN_PY = os.path.join(ROOT, "latentwire", "train.py")
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    ref = tmp_path_factory.mktemp("ref")
-    train(launcher(1, "python"), *BASE, "--save_dir", ref)
-    return final_state(ref)[0]
+def reference(reference_run):
+    return final_state(reference_run(1, "python"))[0]
 
 
 def _same_as(reference, save_dir):

@@ -13,10 +13,8 @@ from latentwire.demo import COMPARED
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    ref = tmp_path_factory.mktemp("ref")
-    train(launcher(2, "torchrun"), *BASE, "--save_dir", ref)
-    return final_state(ref)[0]
+def reference(reference_run):
+    return final_state(reference_run(2, "torchrun"))[0]
 
 
 def _last_step_per_rank(trace):

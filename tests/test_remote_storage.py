@@ -55,11 +55,10 @@ def tiny_state(seed: int) -> dict:
 
 
 @pytest.mark.slow
-def test_two_rank_training_on_s3_killed_and_resumed_is_bit_identical(s3, tmp_path):
+def test_two_rank_training_on_s3_killed_and_resumed_is_bit_identical(s3, reference_run):
     url = f"s3://{s3.new_bucket()}/run1"
     cmd = launcher(2, "torchrun")
-    ref = tmp_path / "ref"
-    train(cmd, *BASE, "--save_dir", ref, "--no_async_save")  # local disk, sync: the reference
+    ref = reference_run(2, "torchrun")  # local disk, sync, never interrupted
     out = train_until_killed(cmd, *BASE, "--save_dir", url, kill_after=f"Saved checkpoint: {url}/step_3")
     assert "Training complete" not in out
     resumed = train(cmd, *BASE, "--save_dir", url, "--auto_resume").stdout

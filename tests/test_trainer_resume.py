@@ -12,11 +12,10 @@ from latentwire.demo import COMPARED
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc,kind,extra", [(1, "python", []), (2, "torchrun", []), (2, "torchrun", ["--fsdp"])],
                          ids=["python", "torchrun_ddp", "torchrun_fsdp2"])
-def test_kill9_mid_epoch_then_auto_resume_is_bit_identical(tmp_path, nproc, kind, extra, checker):
+def test_kill9_mid_epoch_then_auto_resume_is_bit_identical(tmp_path, nproc, kind, extra, checker, reference_run):
     cmd = launcher(nproc, kind)
     flags = BASE + extra
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    train(cmd, *flags, "--save_dir", ref, "--no_async_save")  # sync reference; the killed run saves async
+    ref, run = reference_run(nproc, kind, *extra), tmp_path / "run"  # sync reference; the killed run saves async
     # 48 samples / (4 x nproc) per step: step_3 is mid-epoch at either world size.
     out = train_until_killed(cmd, *flags, "--save_dir", run, kill_after=f"Saved checkpoint: {run}/step_3")
     assert "Training complete" not in out
