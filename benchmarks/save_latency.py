@@ -133,7 +133,7 @@ def dcp_target(path: str, load: bool = False) -> dict:
     if not storage.is_url(path):
         return {"checkpoint_id": path}
     if load:
-        return {"storage_reader": FsspecReader(path, use_listings_cache=False, **storage.options_for(path))}
+        return {"storage_reader": FsspecReader(path, **storage.fsspec_options(path))}
     return {"storage_writer": dcp_io._writer(path)}
 
 

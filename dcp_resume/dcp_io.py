@@ -53,17 +53,13 @@ def _writer(state_dir: str):
     durable when its upload returns; DCP would fall back to a machine-wide os.sync() per file)."""
     if not storage.is_url(state_dir):
         return dcp.FileSystemWriter(state_dir, sync_files=True)
-    return FsspecWriter(state_dir, sync_files=False, **_fs_options(state_dir))
+    return FsspecWriter(state_dir, sync_files=False, **storage.fsspec_options(state_dir))
 
 
 def _reader(state_dir: str):
     if not storage.is_url(state_dir):
         return SafeFileSystemReader(state_dir)
-    return SafeFsspecReader(state_dir, **_fs_options(state_dir))
-
-
-def _fs_options(url: str) -> dict[str, Any]:
-    return {"use_listings_cache": False, **storage.options_for(url)}
+    return SafeFsspecReader(state_dir, **storage.fsspec_options(state_dir))
 
 
 def save(state_dict: dict[str, Any], state_dir: str, group) -> None:

@@ -1,4 +1,4 @@
-"""What a checkpoint holds, from its metadata alone (no tensor is loaded): `dcp-resume inspect` and `ls`."""
+"""What a checkpoint holds, from its metadata alone (no tensor is loaded): `dcp-resume inspect`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,16 +6,9 @@ from typing import Any
 
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from . import storage
-
 # config.json keys worth a line in `inspect` when present (the rest is in --json)
 CONFIG_HIGHLIGHTS = ("model", "model_name", "compression", "dataset", "samples", "epochs", "max_steps",
                      "batch_size", "lr", "learning_rate", "seed", "fsdp", "save_every", "keep_last_n")
-
-
-def dir_bytes(path: str) -> int:
-    """Bytes of every file under path (what the directory takes, listed in metadata.json or not)."""
-    return sum((storage.file_sizes(path) or {}).values())
 
 
 @dataclass

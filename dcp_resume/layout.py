@@ -49,6 +49,7 @@ class CheckpointInfo:
     complete: bool
     reason: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    on_disk: dict[str, int] = field(default_factory=dict)  # every file under it -> size, as listed
 
     @property
     def name(self) -> str:
@@ -71,34 +72,39 @@ def _safe_relpath(rel: str) -> bool:
 
 def inspect_dir(path: str) -> CheckpointInfo:
     """Completeness check: metadata.json parses and lists files that exist with the recorded sizes.
-    One listing of the directory (one LIST request on an object store) plus the read of metadata.json."""
+    One listing of the directory (one LIST request on an object store) plus the read of metadata.json; the
+    listing is kept in `on_disk` for callers that need the directory's files and sizes too."""
     present = storage.file_sizes(path)
+    complete, reason, meta = _judge(path, present)
+    return CheckpointInfo(path, complete, reason, meta, present or {})
+
+
+def _judge(path: str, present: dict[str, int] | None) -> tuple[bool, str, dict[str, Any]]:
     if present is None:
-        return CheckpointInfo(path, False, NO_DIR)
+        return False, NO_DIR, {}
     if METADATA_FILE not in present:
-        return CheckpointInfo(path, False, NO_COMMIT)
+        return False, NO_COMMIT, {}
     try:
         meta = storage.read_json(os.path.join(path, METADATA_FILE))
     except (ValueError, OSError) as e:
-        return CheckpointInfo(path, False, f"metadata.json does not parse ({type(e).__name__})")
+        return False, f"metadata.json does not parse ({type(e).__name__})", {}
     if not isinstance(meta, dict):
-        return CheckpointInfo(path, False, "metadata.json is not a JSON object")
+        return False, "metadata.json is not a JSON object", {}
     lacking = [k for k in REQUIRED_KEYS if k not in meta]
     if lacking:
-        return CheckpointInfo(path, False, f"metadata.json lacks {', '.join(lacking)}", meta)
+        return False, f"metadata.json lacks {', '.join(lacking)}", meta
     files = meta["files"]
     if not isinstance(files, dict) or not files:
-        return CheckpointInfo(path, False, "metadata.json lists no files", meta)
+        return False, "metadata.json lists no files", meta
     for rel, info in sorted(files.items()):
         if not _safe_relpath(rel):
-            return CheckpointInfo(path, False, f"metadata.json lists a path outside the checkpoint: {rel}", meta)
+            return False, f"metadata.json lists a path outside the checkpoint: {rel}", meta
         if rel not in present:
-            return CheckpointInfo(path, False, f"listed file missing: {rel}", meta)
+            return False, f"listed file missing: {rel}", meta
         size = info.get("size") if isinstance(info, dict) else None
         if size != present[rel]:
-            return CheckpointInfo(path, False, f"size mismatch: {rel} is {present[rel]} bytes, "
-                                               f"metadata.json says {size}", meta)
-    return CheckpointInfo(path, True, "", meta)
+            return False, f"size mismatch: {rel} is {present[rel]} bytes, metadata.json says {size}", meta
+    return True, "", meta
 
 
 def list_checkpoints(save_dir: str) -> list[CheckpointInfo]:
@@ -108,22 +114,24 @@ def list_checkpoints(save_dir: str) -> list[CheckpointInfo]:
     return sorted(infos, key=lambda i: (i.complete, i.order, i.name))
 
 
-def latest_complete(save_dir: str) -> CheckpointInfo | None:
-    """The newest complete checkpoint by the cheap check (sizes): for listings. Resume uses latest_verified."""
-    complete = [i for i in list_checkpoints(save_dir) if i.complete]
+def latest_complete(save_dir: str, infos: list[CheckpointInfo] | None = None) -> CheckpointInfo | None:
+    """The newest complete checkpoint by the cheap check (sizes): for listings. Resume uses latest_verified.
+    `infos`: save_dir's list_checkpoints() when the caller already has it."""
+    complete = [i for i in (list_checkpoints(save_dir) if infos is None else infos) if i.complete]
     return max(complete, key=lambda i: i.order) if complete else None
 
 
-def latest_verified(save_dir: str) -> CheckpointInfo | None:
+def latest_verified(save_dir: str, infos: list[CheckpointInfo] | None = None) -> CheckpointInfo | None:
     """What resume uses: the newest complete checkpoint whose files all match their content hashes.
 
     Every damaged checkpoint passed over gets a warning naming it and the file: a complete one that fails
     its hashes, and one whose metadata.json is there but does not parse or lists missing or resized files.
-    (A directory without metadata.json is an interrupted save, not damage: skipped quietly.)"""
+    (A directory without metadata.json is an interrupted save, not damage: skipped quietly.) `infos`: save_dir's
+    list_checkpoints() when the caller already has it."""
     from . import integrity  # builds on this module
     from .logs import logger
 
-    infos = list_checkpoints(save_dir)
+    infos = list_checkpoints(save_dir) if infos is None else infos
     for info in infos:
         if not info.complete and info.reason != NO_COMMIT:
             logger.warning("Skipping checkpoint %s: %s", info.path, info.reason)

@@ -188,7 +188,7 @@ class CheckpointManager:
             loaded = live_state.build_template(live, meta, map_location)
             dcp_io.load(loaded, state_dir, self._group.group)
             live_state.restore(live, loaded)
-        self.loaded_metadata = layout.inspect_dir(path).meta
+        self.loaded_metadata = storage.read_json(os.path.join(path, layout.METADATA_FILE))  # _resolve checked it
         self._restore_history(path)
         logger.info("Loaded checkpoint: %s (step %s, epoch %s)", path,
                     self.loaded_metadata.get("step"), self.loaded_metadata.get("epoch"))

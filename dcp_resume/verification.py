@@ -38,11 +38,11 @@ class Report:
 def verify_checkpoint(path: str, quick: bool = False) -> Report:
     """Check sizes (and, unless quick, content hashes) of every listed file, then DCP coverage of state/."""
     report = Report(path)
-    present = storage.file_sizes(path) or {}  # one listing: every file under the checkpoint and its size
+    info = layout.inspect_dir(path)
+    present = info.on_disk  # one listing: every file under the checkpoint and its size
     if layout.METADATA_FILE not in present:
         report.status, report.note = "incomplete", layout.NO_COMMIT
         return report
-    info = layout.inspect_dir(path)
     files = info.meta.get("files")
     if not isinstance(files, dict) or not files:
         report.add(layout.METADATA_FILE, info.reason or "lists no files")

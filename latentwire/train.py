@@ -58,7 +58,7 @@ def recorded_config(args) -> dict:
 
 
 def _same_place(a: str, b: str) -> bool:
-    if "://" in a or "://" in b:
+    if storage.is_url(a) or storage.is_url(b):
         return a.rstrip("/") == b.rstrip("/")
     return os.path.abspath(a) == os.path.abspath(b)
 
@@ -69,8 +69,8 @@ class Trainer:
     def __init__(self, args):
         self.args = args
         self.rt = start()
-        remote = "://" in args.save_dir
-        self.log = setup_logging(args.log_dir or (None if remote else os.path.join(args.save_dir, "logs")), self.rt)
+        local_logs = None if storage.is_url(args.save_dir) else os.path.join(args.save_dir, "logs")
+        self.log = setup_logging(args.log_dir or local_logs, self.rt)
         self.examples = load_examples(args.dataset, args.samples, seed=args.seed)
         self.cfg = ModelConfig(compression=args.compression, **(TINY if args.tiny else {}))
         torch.manual_seed(args.seed)  # identical initial weights on every rank

@@ -13,7 +13,7 @@ import logging
 import re
 import sys
 
-from .. import inspection, integrity, layout, storage
+from .. import integrity, layout, storage
 from .main import EXIT_FAILED, EXIT_OK, save_dir_arg, subparser
 from .table import human_bytes, render, utc_time
 
@@ -72,10 +72,10 @@ def by_position(infos: list[layout.CheckpointInfo]) -> list[layout.CheckpointInf
 def listing(save_dir: str, quick: bool) -> dict:
     infos = by_position(layout.list_checkpoints(save_dir))
     if quick:
-        latest = layout.latest_complete(save_dir)
+        latest = layout.latest_complete(save_dir, infos)
     else:
         with engine_quiet():
-            latest = layout.latest_verified(save_dir)
+            latest = layout.latest_verified(save_dir, infos)
     complete = [i for i in infos if i.complete]
     best = max((i for i in complete if i.meta.get("is_best")), key=lambda i: i.order, default=None)
     rows = []
@@ -88,7 +88,7 @@ def listing(save_dir: str, quick: bool) -> dict:
         m = info.meta
         rows.append({"name": info.name, "path": info.path, "step": m.get("step"), "epoch": m.get("epoch"),
                      "kind": m.get("kind"), "timestamp": m.get("timestamp"), "world_size": m.get("world_size"),
-                     "size_bytes": inspection.dir_bytes(info.path), "status": status,
+                     "size_bytes": sum(info.on_disk.values()), "status": status,
                      "complete": info.complete, "reason": reason, "is_best": bool(m.get("is_best")),
                      "best": best is not None and info.path == best.path,
                      "latest": latest is not None and info.path == latest.path})

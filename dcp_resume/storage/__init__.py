@@ -39,15 +39,22 @@ def configure(url: str, storage_options: dict[str, Any] | None) -> None:
         _options[url.rstrip("/")] = dict(storage_options or {})
 
 
-def options_for(url: str) -> dict[str, Any]:
+def _options_for(url: str) -> dict[str, Any]:
     with _mutex:
         matches = [p for p in _options if url == p or url.startswith(p + "/")]
     return dict(_options[max(matches, key=len)]) if matches else {}
 
 
+def fsspec_options(url: str) -> dict[str, Any]:
+    """What every fsspec filesystem for `url` is opened with (here and in DCP's FsspecWriter/Reader): the
+    registered options, and no listings cache (another rank or job changes the store under us; a stale
+    listing would hide a commit or show a deleted checkpoint)."""
+    return {"use_listings_cache": False, **_options_for(url)}
+
+
 def backend(path: str) -> LocalBackend | FsspecBackend:
     path = os.fspath(path)
-    return FsspecBackend(path, options_for(path)) if is_url(path) else _LOCAL
+    return FsspecBackend(path, fsspec_options(path)) if is_url(path) else _LOCAL
 
 
 def basename(path: str) -> str:

@@ -11,8 +11,6 @@ _CHUNK = 4 << 20
 class LocalBackend:
     """A save_dir that is a plain path. Commits are temp file + fsync + rename + fsync of the directory."""
 
-    is_remote = False
-
     def identity(self, path: str) -> str:
         return os.path.realpath(path)
 

@@ -5,8 +5,7 @@ PUT completes, or not at all. So metadata.json, PUT last and alone by rank 0 aft
 uploaded, is the commit, exactly as on a local disk (Orbax's commit-file approach). "Directories" are key
 prefixes: one exists while any object lives under it.
 
-Listings are never cached (`use_listings_cache=False`): another process (the next rank, the next job)
-changes the store under us, and a stale listing would hide a commit or show a deleted checkpoint.
+Filesystems are opened with storage.fsspec_options (no listings cache).
 """
 from __future__ import annotations
 
@@ -21,20 +20,17 @@ OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss", "r2"}  
 class FsspecBackend:
     """Storage through one fsspec filesystem instance (fsspec caches instances per protocol + options)."""
 
-    is_remote = True
-
     def __init__(self, url: str, options: dict[str, Any]):
         from fsspec.core import url_to_fs
 
         try:
-            self.fs, _ = url_to_fs(url, **{"use_listings_cache": False, **options})
+            self.fs, _ = url_to_fs(url, **options)
         except (ValueError, ImportError) as e:
             raise StorageError(f"save_dir {url}: cannot open this URL ({e}). Known schemes include s3://, gs://, "
                                "memory:// and file://; s3:// needs `pip install s3fs`, gs:// `pip install gcsfs`"
                                ) from None
         protocol = self.fs.protocol
         self.protocol = protocol if isinstance(protocol, str) else protocol[0]
-        self.url = url
 
     def _strip(self, path: str) -> str:
         return self.fs._strip_protocol(path).rstrip("/")
