@@ -12,10 +12,15 @@ from .errors import (  # noqa: E402
     StorageError,
     UnsafeCheckpointError,
 )
+from .ddp import InexactResumeWarning, exact_ddp, exact_gradient_sync  # noqa: E402
 from .experiment import ExperimentCheckpointer  # noqa: E402
 from .manager import CheckpointManager  # noqa: E402
 from .preemption import PREEMPTED_EXIT_CODE  # noqa: E402
+from .rng import RNGState  # noqa: E402
+from .sampler import ResumableSampler  # noqa: E402
 
 __all__ = ["CheckpointManager", "PREEMPTED_EXIT_CODE", "ExperimentCheckpointer", "CheckpointExistsError", "CheckpointMismatchError", "CheckpointNotFoundError",
            "CheckpointSaveError", "CorruptCheckpointError", "IncompleteCheckpointError", "SaveDirLockedError",
-           "StorageError", "UnsafeCheckpointError", "__version__"]
+           "StorageError", "UnsafeCheckpointError", "exact_ddp", "exact_gradient_sync", "InexactResumeWarning",
+           "ResumableSampler", "RNGState",
+           "__version__"]

@@ -208,12 +208,16 @@ def flat_keys(value: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def template_from_metadata(meta: Metadata, top_keys: set[str] | None, map_location) -> dict[str, Any]:
-    """An empty nested dict shaped like the saved one (restricted to top_keys): fresh tensors of the saved
-    shape and dtype, None where DCP stored a pickled value."""
+def template_from_metadata(meta: Metadata, top_keys: set[str] | None, map_location,
+                           under: tuple = ()) -> dict[str, Any]:
+    """An empty nested dict shaped like the saved one (restricted to top_keys, the keys right below the
+    path `under`): fresh tensors of the saved shape and dtype, None where DCP stored a pickled value."""
     template: dict[str, Any] = {}
+    depth = len(under)
     for fqn, path in saved_paths(meta).items():
-        if top_keys is not None and path[0] not in top_keys:
+        if tuple(path[:depth]) != tuple(under) or len(path) <= depth:
+            continue
+        if top_keys is not None and path[depth] not in top_keys:
             continue
         md = meta.state_dict_metadata[fqn]
         leaf = (torch.empty(md.size, dtype=md.properties.dtype, device=map_location)

@@ -48,6 +48,14 @@ class CommitGroup:
         dist.gather_object(obj, out, dst=0, group=self.group)
         return out
 
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's obj, in rank order, on every rank."""
+        if not is_distributed():
+            return [obj]
+        out = [None] * world_size()
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def close(self) -> None:
         if self._group is not None and is_distributed():
             dist.destroy_process_group(self._group)

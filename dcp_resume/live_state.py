@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from . import dcp_io
+from . import dcp_io, ddp, per_rank
 from .errors import CheckpointMismatchError
 
 _SHOW = 8  # keys listed per category in a mismatch error
@@ -112,15 +112,18 @@ def _model_and_optimizer_state(live: LiveState) -> dict[str, Any]:
     return out
 
 
-def to_save(state: dict[str, Any]) -> dict[str, Any]:
-    """The nested dict handed to dcp.save."""
+def to_save(state: dict[str, Any], group, rank: int) -> dict[str, Any]:
+    """The nested dict handed to dcp.save (collective: ranks compare which entries differ per rank)."""
+    if per_rank.PER_RANK_KEY in state:
+        raise ValueError(f"state key {per_rank.PER_RANK_KEY!r} is reserved for per-rank state; rename it")
     live = split(state)
+    ddp.warn_if_inexact(live.modules)
     out = _model_and_optimizer_state(live)
-    for key, obj in live.statefuls.items():
-        out[key] = obj.state_dict()
-    out.update(live.plain)
-    for key in live.statefuls.keys() | live.plain.keys():
-        _check_str_keys(out[key], f"state[{key!r}]")
+    entries = {key: obj.state_dict() for key, obj in live.statefuls.items()}
+    entries.update(live.plain)
+    for key, value in entries.items():
+        _check_str_keys(value, f"state[{key!r}]")
+    out.update(per_rank.place(entries, {**live.statefuls, **live.plain}, group, rank))
     return out
 
 
@@ -143,48 +146,65 @@ def _mismatch_lines(key: str, expected: dict[str, Any], saved: dict[str, Any]) -
     return lines
 
 
-def build_template(live: LiveState, meta: Metadata, map_location) -> dict[str, Any]:
+def build_template(live: LiveState, meta: Metadata, map_location, *, saved_world: int, rank: int, world: int,
+                   per_rank_policy: str = "refuse") -> tuple[dict[str, Any], per_rank.Plan]:
     """What dcp.load fills: live objects' own state dicts (so sharding and device follow the live
-    model), the saved structure for everything else. Raises CheckpointMismatchError listing every
-    missing, unexpected or reshaped key before any tensor is read."""
+    model), the saved structure for everything else, and this rank's slot of per-rank entries. Raises
+    CheckpointMismatchError listing every missing, unexpected or reshaped key, or per-rank state that
+    cannot follow a world-size change, before any tensor is read."""
     paths = dcp_io.saved_paths(meta)
     saved_by_top: dict[str, dict[str, Any]] = {}
     for fqn, path in paths.items():
         saved_by_top.setdefault(path[0], {})[fqn] = meta.state_dict_metadata[fqn]
+    others = {**live.statefuls, **live.plain}
+    owners = per_rank.saved_owners(paths)
+    rank_plan = per_rank.plan({k: v for k, v in others.items() if k not in saved_by_top}, owners, saved_world,
+                              rank, world, per_rank_policy)
 
     template = _model_and_optimizer_state(live)
     for key, value in live.plain.items():
-        if _has_tensor(value):
+        if _has_tensor(value) and key in saved_by_top:
             template[key] = value  # a dict of tensors: loaded in place, like plain DCP
-    from_meta = (live.statefuls.keys() | live.plain.keys()) - template.keys()
+    from_meta = {k for k in others if k in saved_by_top} - template.keys()
     template.update(dcp_io.template_from_metadata(meta, from_meta, map_location))
+    for key, name in rank_plan.read.items():  # this rank's copy of per-rank entries, under their slot
+        slot = template.setdefault(per_rank.PER_RANK_KEY, {}).setdefault(name, {})
+        if key in live.plain and _has_tensor(live.plain[key]) and key not in rank_plan.resharded:
+            slot[key] = live.plain[key]
+        else:
+            saved = dcp_io.template_from_metadata(meta, {key}, map_location, under=(per_rank.PER_RANK_KEY, name))
+            slot.update(saved[per_rank.PER_RANK_KEY][name])
 
     problems = []
-    every_key = list(live.modules) + list(live.optimizers) + list(live.statefuls) + list(live.plain)
-    absent = [k for k in every_key if k not in saved_by_top and not _empty_dict(live.plain.get(k))]
+    every_key = list(live.modules) + list(live.optimizers) + list(others)
+    absent = [k for k in every_key if k not in saved_by_top and k not in owners and not _empty_dict(others.get(k))]
     if absent:
+        held = sorted((saved_by_top.keys() - {per_rank.PER_RANK_KEY}) | owners.keys())
         problems.append(f"  top-level keys missing from checkpoint: {', '.join(absent)} "
-                        f"(it holds: {', '.join(sorted(saved_by_top)) or 'nothing'})")
-    for key in template.keys() - from_meta:
+                        f"(it holds: {', '.join(held) or 'nothing'})")
+    for key in template.keys() - from_meta - {per_rank.PER_RANK_KEY}:
         if key in saved_by_top:
             problems += _mismatch_lines(key, dcp_io.flat_keys({key: template[key]}), saved_by_top[key])
     if problems:
         raise CheckpointMismatchError("checkpoint does not match the live objects:\n" + "\n".join(problems))
     for key in every_key:
-        if key not in template and _empty_dict(live.plain.get(key)):
+        if key not in template and key not in owners and _empty_dict(live.plain.get(key)):
             template[key] = {}  # DCP stores no leaf for an empty dict
-    return template
+    return template, rank_plan
 
 
 def _empty_dict(value: Any) -> bool:
     return isinstance(value, dict) and not value
 
 
-def restore(live: LiveState, loaded: dict[str, Any]) -> None:
-    """Push the loaded state dicts into the live objects."""
+def restore(live: LiveState, loaded: dict[str, Any], rank_plan: per_rank.Plan) -> None:
+    """Push the loaded state dicts into the live objects (per-rank entries from this rank's slot; those
+    left fresh by per_rank_policy are not touched)."""
+    per_rank.finish(rank_plan, {**live.statefuls, **live.plain}, loaded)
     for key, module in live.modules.items():
         set_model_state_dict(module, loaded[key])
     for key, (opt, module) in live.optimizers.items():
         set_optimizer_state_dict(module, opt, loaded[key])
     for key, obj in live.statefuls.items():
-        obj.load_state_dict(loaded[key])
+        if key in loaded:
+            obj.load_state_dict(loaded[key])

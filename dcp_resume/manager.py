@@ -10,8 +10,9 @@ from typing import Any, Callable
 
 from torch.distributed.checkpoint import CheckpointException
 
+from . import accelerate_loaders
 from . import artifacts as artifacts_mod
-from . import dcp_io, disk_guard, integrity, layout, live_state, savedir_lock, storage
+from . import dcp_io, disk_guard, integrity, layout, live_state, per_rank, savedir_lock, storage
 from .distributed import CommitGroup, is_distributed, rank, world_size
 from .errors import (
     CheckpointExistsError,
@@ -24,6 +25,9 @@ from .logs import logger
 from .preemption import DEFAULT_SIGNALS, PreemptionHandler, agree
 from .retention import plan_removals, validate_keep_last_n
 from .staging import StagingBuffers
+
+
+_WRITE, _SKIP, _RELABEL = "write", "skip", "relabel"  # what _prepare_target decided
 
 
 def _as_dict(config: Any) -> dict[str, Any]:
@@ -101,6 +105,7 @@ class CheckpointManager:
         self._lock: savedir_lock.SaveDirLock | None = None  # one writer per save_dir: taken at the first save
         self._last_bytes: int | None = None  # size of this manager's last commit: the next one's space estimate
         self.preempted = False
+        self._warned_loaders = False  # accelerate loaders without resumable order: warned once
         self._preemption = PreemptionHandler(preemption_signals) if enable_preemption_handling else None
         if self._preemption is not None:
             self._preemption.install()
@@ -144,17 +149,22 @@ class CheckpointManager:
         self.wait()
         path = os.path.join(self.save_dir, layout.checkpoint_name(kind, step, epoch))
         with self._failures_named(f"save of step {step} to {path}"):
-            low_disk = self._on_rank0_then_share(lambda: self._prepare_target(path, kind))
-            if low_disk:
+            action = self._on_rank0_then_share(lambda: self._prepare_target(path, kind))
+            if action == _SKIP:
                 return None
-            payload = live_state.to_save(state)
+            self._warn_unresumable_loaders(state)
+            if training_stats is None:
+                self.history.append({"step": int(step), "epoch": int(epoch), "kind": kind, **(metrics or {})})
+                training_stats = {"history": self.history}
+            commit = copy.deepcopy(dict(step=step, epoch=epoch, kind=kind, is_best=is_best, metrics=metrics,
+                                        best_metric=best_metric, config=_as_dict(config) or self.config,
+                                        training_stats=training_stats))
             extras = artifacts_mod.gather_full_tensors(extra_artifacts)
-        if training_stats is None:
-            self.history.append({"step": int(step), "epoch": int(epoch), "kind": kind, **(metrics or {})})
-            training_stats = {"history": self.history}
-        commit = copy.deepcopy(dict(step=step, epoch=epoch, kind=kind, is_best=is_best, metrics=metrics,
-                                    best_metric=best_metric, config=_as_dict(config) or self.config,
-                                    training_stats=training_stats))
+            if action == _RELABEL:
+                self._on_rank0_then_share(lambda: self._relabel_as_final(path, extras, commit))
+                self.last_blocking_s = time.perf_counter() - t0
+                return path
+            payload = live_state.to_save(state, self._group, rank())
         if not self.async_save:
             self._write_and_commit(payload, extras, path, commit, self._group, t0)
             self.last_blocking_s = time.perf_counter() - t0
@@ -168,27 +178,39 @@ class CheckpointManager:
         return path
 
     def load_checkpoint(self, checkpoint_path: str | os.PathLike | None = None, map_location: Any = "cpu",
-                        state: dict[str, Any] | None = None) -> dict[str, Any]:
+                        state: dict[str, Any] | None = None, *, per_rank_policy: str = "refuse") -> dict[str, Any]:
         """Load a checkpoint (default: the latest complete one in save_dir).
 
         With `state`, restores its live objects (models, optimizers, schedulers, anything with
-        load_state_dict) in place and returns the loaded dict for the keys of `state`. Without it,
-        returns everything the checkpoint holds. Metadata of the loaded checkpoint is kept in
-        `self.loaded_metadata`. Collective when running distributed.
+        load_state_dict) in place and returns the loaded dict for the keys of `state`; state that differed
+        per rank when saved comes back to the rank that saved it. Without `state`, returns everything the
+        checkpoint holds. Metadata of the loaded checkpoint is kept in `self.loaded_metadata`. Collective
+        when running distributed.
+
+        After a world-size change, per-rank state has no owner. A data loader driven by a ResumableSampler
+        reshards and an RNGState keeps this process's seeding; for anything else `per_rank_policy="refuse"`
+        raises CheckpointMismatchError naming it, before anything is read, and "fresh" leaves those objects
+        as constructed and out of the returned dict. Both are logged.
         """
+        per_rank.validate_policy(per_rank_policy)
         self.wait()
         path = self._resolve(checkpoint_path)
         state_dir = os.path.join(path, layout.STATE_DIR)
         meta = dcp_io.read_metadata(state_dir)
+        committed = storage.read_json(os.path.join(path, layout.METADATA_FILE))  # _resolve checked it
         if state is None:
             loaded = dcp_io.template_from_metadata(meta, None, map_location)
             dcp_io.load(loaded, state_dir, self._group.group)
         else:
             live = live_state.split(state)
-            loaded = live_state.build_template(live, meta, map_location)
+            saved_world = committed.get("world_size")
+            loaded, rank_plan = live_state.build_template(
+                live, meta, map_location, saved_world=saved_world if isinstance(saved_world, int) else -1,
+                rank=rank(), world=world_size(), per_rank_policy=per_rank_policy)
             dcp_io.load(loaded, state_dir, self._group.group)
-            live_state.restore(live, loaded)
-        self.loaded_metadata = storage.read_json(os.path.join(path, layout.METADATA_FILE))  # _resolve checked it
+            live_state.restore(live, loaded, rank_plan)
+            self._report_resharding(committed, rank_plan)
+        self.loaded_metadata = committed
         self._restore_history(path)
         logger.info("Loaded checkpoint: %s (step %s, epoch %s)", path,
                     self.loaded_metadata.get("step"), self.loaded_metadata.get("epoch"))
@@ -296,18 +318,21 @@ class CheckpointManager:
             raise error
         return result
 
-    def _prepare_target(self, path: str, kind: str) -> bool:
+    def _prepare_target(self, path: str, kind: str) -> str:
         """Rank 0, before a save: lock, refuse to overwrite, clean leftovers, check free space, make the
-        directory. Returns True when a periodic save is skipped for lack of disk space."""
+        directory. Returns _WRITE, _SKIP (a periodic save skipped for lack of disk space) or _RELABEL (a
+        final save at the step of a committed checkpoint, which then becomes the final one)."""
         if self._lock is None:
             self._lock = savedir_lock.acquire(self.save_dir, owner=self)
         info = layout.inspect_dir(path)
         damage = integrity.problem(info) if info.complete else None
         if info.complete and damage is None:
+            if kind == "final":
+                return _RELABEL
             raise CheckpointExistsError(
                 f"{path} already holds a committed checkpoint (step {info.step}, kind "
-                f"{info.meta.get('kind')}); refusing to overwrite it. Use a new save_dir, or remove it "
-                f"first (dcp-resume prune)")
+                f"{info.meta.get('kind')}); refusing to overwrite it. Save this step once (a final save at "
+                "its step marks it final), or use a new save_dir")
         if not self._cleaned_at_start:
             self._apply_retention(complete_too=False)
             self._cleaned_at_start = True
@@ -324,11 +349,11 @@ class CheckpointManager:
                 logger.warning("LOW DISK SPACE: %s. Attempting the %s checkpoint anyway", why, kind)
             elif self.low_disk_policy == "skip":
                 logger.warning("LOW DISK SPACE: skipping the %s checkpoint %s: %s", kind, path, why)
-                return True
+                return _SKIP
             else:
                 raise CheckpointSaveError(f"not saving {path}: {why} (low_disk_policy='fail')")
         storage.makedirs(os.path.join(path, layout.STATE_DIR))
-        return False
+        return _WRITE
 
     def _commit(self, path: str, reported: list[dict], *, step, epoch, kind, is_best, metrics,
                 best_metric, config, training_stats, extras) -> int:
@@ -356,6 +381,26 @@ class CheckpointManager:
         storage.commit_json_atomically(os.path.join(path, layout.METADATA_FILE), meta)
         storage.fsync_dir(self.save_dir)
         return sum(info["size"] for info in files.values())
+
+    def _relabel_as_final(self, path: str, extras: dict, commit: dict) -> None:
+        """Rank 0: the checkpoint at this step already holds this step's state, so the final save records it
+        as final: new artifacts are added (existing files are never rewritten), then metadata.json is
+        replaced atomically with kind 'final' and the final save's metrics. A crash leaves the old commit."""
+        meta = dict(layout.inspect_dir(path).meta)
+        files = dict(meta["files"])
+        for name, data in artifacts_mod.encode(extras).items():
+            if name not in files:
+                storage.write_bytes_durably(os.path.join(path, name), data)
+                files[name] = storage.file_info(os.path.join(path, name))
+        meta.update(kind="final", is_best=bool(commit["is_best"]) or bool(meta.get("is_best")),
+                    metrics={**(meta["metrics"] if isinstance(meta.get("metrics"), dict) else {}),
+                             **(commit["metrics"] or {})},
+                    best_metric=commit["best_metric"], files=files, relabeled_at=layout.utc_now_iso())
+        storage.commit_json_atomically(os.path.join(path, layout.METADATA_FILE), meta)
+        storage.fsync_dir(self.save_dir)
+        logger.info("Marked checkpoint %s as final (it already holds step %s)", path, commit["step"])
+        if self.on_commit is not None:
+            self.on_commit(path)
 
     def _apply_retention(self, complete_too: bool = True) -> None:
         infos = layout.list_checkpoints(self.save_dir)
@@ -394,6 +439,31 @@ class CheckpointManager:
                 "files. Resume from a complete one (`dcp-resume ls <save_dir>`)")
         self._on_rank0_then_share(lambda: integrity.check(info))  # hashes; no fallback for an explicit path
         return path
+
+    def _warn_unresumable_loaders(self, state: dict[str, Any]) -> None:
+        """Once per manager: an accelerate-prepared loader (in state, or being iterated) whose shuffle order
+        no checkpoint restores gets a warning naming what to set."""
+        if self._warned_loaders:
+            return
+        for obj in [None, *state.values()]:  # None: the loaders accelerate is iterating now
+            problem = accelerate_loaders.unresumable_loader_problem(obj)
+            if problem is not None:
+                self._warned_loaders = True
+                if rank() == 0:
+                    logger.warning("INEXACT RESUME: %s", problem)
+                return
+
+    @staticmethod
+    def _report_resharding(committed: dict[str, Any], rank_plan: per_rank.Plan) -> None:
+        if rank() != 0 or not (rank_plan.resharded or rank_plan.fresh):
+            return
+        change = f"world size {committed.get('world_size')} -> {world_size()}"
+        if rank_plan.resharded:
+            logger.warning("%s: data loaders %s continue from the saved global sampler position (their workers "
+                           "start afresh)", change, ", ".join(rank_plan.resharded))
+        if rank_plan.fresh:
+            logger.warning("%s: per-rank state %s has no owner here and was left as constructed (RNG streams keep "
+                           "this process's seeding)", change, ", ".join(rank_plan.fresh))
 
     def _restore_history(self, path: str) -> None:
         stats_path = os.path.join(path, layout.STATS_FILE)

@@ -1,8 +1,9 @@
 """Per-rank RNG state (python, numpy, torch CPU, CUDA) as tensors and plain values.
 
 Tensors rather than pickled tuples, so the state stays readable by plain DCP and needs no unpickling
-of arbitrary objects. Each rank saves under its own key (`rank<N>`): DCP deduplicates identical keys
-across ranks, and RNG streams differ per rank.
+of arbitrary objects. Streams differ per rank, so the engine saves RNGState per rank (dcp_resume/per_rank.py)
+and gives each rank its own back. Checkpoints written before that kept each rank under its own key
+(`rank<N>`); they still load.
 """
 from __future__ import annotations
 
@@ -11,10 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-
-def rank_key(rank: int) -> str:
-    return f"rank{rank}"
 
 
 def capture_rng() -> dict[str, Any]:
@@ -47,21 +44,24 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 class RNGState:
-    """A stateful view of this rank's RNG streams, to put in a checkpoint's state dict.
+    """A stateful view of this process's RNG streams, to put in a checkpoint's state dict.
 
-    Saves `{"rank<N>": ...}` for this rank only; on load restores this rank's streams if the checkpoint
-    has them. `restored` tells whether it did (False after a world-size change: the caller reseeds).
+    `restored` tells whether load_state_dict restored them. It stays False after a world-size change (streams
+    cannot be resharded; the engine leaves this object as constructed and says so): the caller reseeds.
     """
 
+    checkpoint_per_rank = True  # saved by every rank, even at world size 1 (dcp_resume/per_rank.py)
+    fresh_on_resize = True  # at another world size: keep this process's own seeding (restored stays False)
+
     def __init__(self, rank: int = 0):
-        self.rank = rank
+        self.rank = rank  # only to read checkpoints that keyed each rank's streams as "rank<N>"
         self.restored = False
 
     def state_dict(self) -> dict[str, Any]:
-        return {rank_key(self.rank): capture_rng()}
+        return capture_rng()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = state.get(rank_key(self.rank))
+        mine = state if "torch" in state else state.get(f"rank{self.rank}")
         self.restored = mine is not None
         if mine is not None:
             restore_rng(mine)

@@ -22,8 +22,11 @@ class ResumableSampler:
     batch_size and world_size: the rest of the epoch is then handed out exactly once.
 
     `consumed` advances when a batch is yielded, so state_dict() taken after a training step
-    includes the samples that step used. With DataLoader(num_workers > 0) the loader pulls batches
-    ahead of training, so take the state from a loader with num_workers=0 (or track steps yourself).
+    includes the samples that step used. A loader with workers pulls batches ahead of training, so
+    with workers use torchdata's StatefulDataLoader(dataset, batch_sampler=sampler, num_workers=N) and
+    put the loader, not the sampler, in the checkpoint state: the loader records the sampler's position
+    at the last batch it handed out. dcp-resume saves a loader per rank; after a world-size change it
+    gives this sampler rank 0's saved (global) position, so the epoch still goes on exactly once.
 
     Last global batch (fewer than batch_size * world_size samples left), the rule that keeps every
     rank on the same number of steps (unequal step counts deadlock DDP collectives):

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dcp_resume import exact_ddp
+
 
 @dataclass
 class Runtime:
@@ -35,7 +37,8 @@ def start() -> Runtime:
 
 
 def wrap(model: nn.Module, rt: Runtime, fsdp: bool) -> nn.Module:
-    """DDP across ranks (or FSDP2 with --fsdp); the frozen LMs are never sharded or synced."""
+    """DDP across ranks, with exact gradient sync (or FSDP2 with --fsdp); the frozen LMs are never sharded
+    or synced."""
     model.to(rt.device)
     if fsdp and dist.is_initialized():
         from torch.distributed.fsdp import fully_shard
@@ -44,8 +47,8 @@ def wrap(model: nn.Module, rt: Runtime, fsdp: bool) -> nn.Module:
             fully_shard(getattr(model, name))
         return model
     if rt.world_size > 1:
-        return nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
-                                                   else None)
+        # exact_ddp: DDP that never rebuilds its gradient buckets, so resumes are bit-exact at 3+ ranks
+        return exact_ddp(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     return model
 
 

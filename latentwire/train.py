@@ -115,7 +115,8 @@ class Trainer:
             state["scheduler"] = self.sched
         if not a.reset_epoch:
             state.update(counters=None, sampler=self.sampler, rng=self.rng)  # counters=None: take the saved values
-        loaded = self.manager.load_checkpoint(path, state=state)
+        # RNG streams are per rank: after a world-size change they have no owner and are reseeded below.
+        loaded = self.manager.load_checkpoint(path, state=state, per_rank_policy="fresh")
         if ("scheduler" in state) != ("optimizer" in state):
             # One of the two is fresh: the optimizer steps at the schedule's LR (a fresh optimizer at the
             # restored schedule's; a restored optimizer, which carries the saved LR, at the fresh schedule's).

@@ -163,7 +163,7 @@ def test_inspect(out, damaged):
                     r"state: \d+ keys, [\d.]+ MB \(from state/.metadata; nothing loaded\)",
                     r"\n  model/ +95 keys +[\d.]+ MB\n", r"\n    encoder/ +16 keys",
                     r"\n      pos +\[96, 32\] +float32 +12\.3 kB\n",  # full shape, though FSDP2 sharded it
-                    r"\n  optimizer/ +\d+ keys", r"\n  rng/ +18 keys", r"\n    rank1/",
+                    r"\n  optimizer/ +\d+ keys", r"\n  __per_rank__/ +18 keys", r"\n    rank1.rng/",
                     r"\n  sampler/ +4 keys", r"\n    consumed +- +value ", r"\n  scheduler/",
                     r"\n  counters/ +6 keys", r"\n    global_step +- +value "):
         assert re.search(pattern, text), f"{pattern!r} not in:\n{text}"

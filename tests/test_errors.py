@@ -1,4 +1,5 @@
 """Every bad input gets one clear sentence naming the path or flag, and nothing on disk is lost."""
+import json
 import os
 
 import pytest
@@ -117,3 +118,30 @@ def test_optimizer_without_its_model_is_refused(tmp_path):
     _, opt, _ = make_training()
     with pytest.raises(ValueError, match=r"state\['optimizer'\] is an optimizer, but no nn.Module in state"):
         CheckpointManager(tmp_path, verbose=False).save_checkpoint({"optimizer": opt}, step=1)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_final_save_at_the_step_of_a_committed_checkpoint_marks_it_final(tmp_path, checker, async_save):
+    mgr = CheckpointManager(tmp_path, save_interval=5, verbose=False, async_save=async_save,
+                            enable_preemption_handling=False)
+    model = Tiny()
+    path = mgr.save_checkpoint({"model": model}, step=5, metrics={"loss": 2.0})
+    mgr.wait()
+    state_files = {n: open(os.path.join(path, "state", n), "rb").read() for n in os.listdir(os.path.join(path, "state"))}
+    assert mgr.save_checkpoint({"model": model}, step=5, kind="final", metrics={"eval_loss": 1.5},
+                               extra_artifacts={"encoder": {"w": torch.ones(2)}}) == path
+    mgr.wait()
+    meta = json.load(open(os.path.join(path, "metadata.json")))
+    assert (meta["kind"], meta["step"], meta["metrics"]) == ("final", 5, {"loss": 2.0, "eval_loss": 1.5})
+    assert "encoder.safetensors" in meta["files"]
+    assert {n: open(os.path.join(path, "state", n), "rb").read() for n in state_files} == state_files
+    assert checker(tmp_path).returncode == 0
+    assert CheckpointManager(tmp_path, enable_preemption_handling=False).find_latest_checkpoint() == path
+    mgr.close()
+
+
+def test_exact_ddp_refuses_static_graph_naming_why():
+    from dcp_resume import exact_ddp
+
+    with pytest.raises(ValueError, match=r"static_graph=True rebuilds DDP's buckets after the first step"):
+        exact_ddp(Tiny(), static_graph=True)
