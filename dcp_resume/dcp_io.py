@@ -100,7 +100,7 @@ _METADATA_CLASSES.update({
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
     ("torch", "Size"): torch.Size,
     ("collections", "OrderedDict"): collections.OrderedDict,
-    **{("builtins", t.__name__): t for t in (set, frozenset, complex, bytearray, slice, range)},
+    **{("builtins", t.__name__): t for t in (set, frozenset, complex, slice, range)},
 })
 if hasattr(torch.serialization, "_get_layout"):  # how a torch.layout pickles (looks one up by name)
     _METADATA_CLASSES[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
@@ -111,11 +111,20 @@ _TORCH_VALUE_TYPES = (torch.dtype, torch.layout, torch.memory_format)
 class _MetadataUnpickler(pickle.Unpickler):
     """Resolves only the globals a DCP .metadata needs; anything else raises UnsafeCheckpointError."""
 
-    def __init__(self, file, where: str):
+    def __init__(self, file, where: str, size: int):
         super().__init__(file)
-        self.where = where
+        self.where, self.size = where, size
+
+    def _bytearray(self, *args: Any) -> bytearray:
+        """bytearray(N) allocates N bytes: bounded by the file's own size, as real contents are."""
+        if args and isinstance(args[0], int) and not 0 <= args[0] <= self.size:
+            raise CorruptCheckpointError(f"{self.where} asks for a bytearray of {args[0]} bytes, more than the "
+                                         f"file's {self.size}; the checkpoint is damaged: resume from another one")
+        return bytearray(*args)
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("builtins", "bytearray"):
+            return self._bytearray
         found = _METADATA_CLASSES.get((module, name))
         if found is not None:
             return found
@@ -140,8 +149,8 @@ class _SafeMetadata:
         with self.fs.create_stream(path, "rb") as f:
             data = f.read()
         try:
-            metadata = _MetadataUnpickler(io.BytesIO(data), str(path)).load()
-        except UnsafeCheckpointError:
+            metadata = _MetadataUnpickler(io.BytesIO(data), str(path), len(data)).load()
+        except (UnsafeCheckpointError, CorruptCheckpointError):
             raise
         except Exception as e:  # truncated or not a pickle at all
             raise CorruptCheckpointError(f"{path} is not a readable DCP .metadata ({type(e).__name__}: {e}); "

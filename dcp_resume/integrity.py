@@ -13,18 +13,20 @@ and of every listed file (size, mtime, inode; on an object store size, ETag and 
 load_checkpoint hashes once, and a file rewritten in between is hashed again. (A bit that rots on disk
 between the two calls without any write is not seen by the second call; it was verified moments before.)
 Files listed without a hash (checkpoints written before hashes existed) are checked by size only.
+Then state/ is checked against DCP's own index, as `dcp-resume verify` does (verification.dcp_problem): a
+checkpoint verify calls BAD is never picked for a resume.
 """
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from . import storage
+from . import dcp_io, storage, verification
 from .errors import CorruptCheckpointError
-from .layout import METADATA_FILE, CheckpointInfo
+from .layout import METADATA_FILE, STATE_DIR, CheckpointInfo
 from .logs import logger
 
-_verified: dict[tuple, str | None] = {}  # (realpath, stat signature) -> None (verifies) or the problem
+_verified: dict[tuple, tuple[str, str] | None] = {}  # (realpath, stat signature) -> None or (kind, problem)
 
 
 def _signature(path: str, files: dict[str, Any]) -> tuple | None:
@@ -54,29 +56,50 @@ def _hash_problem(path: str, files: dict[str, Any]) -> str | None:
     return None
 
 
-def problem(info: CheckpointInfo) -> str | None:
-    """None when the complete checkpoint `info` hash-verifies, else the first problem, naming the file."""
-    if not info.complete:
-        return info.reason
+def _problem(info: CheckpointInfo) -> tuple[str, str] | None:
+    """(kind, text) of the first problem: kind 'hash' (bytes changed since the commit) or 'dcp' (state/ does
+    not match DCP's index, or the index is unsafe); None when the checkpoint verifies. Cached."""
     files = info.meta.get("files") or {}
     key = _signature(info.path, files)
     if key is not None and key in _verified:
         return _verified[key]
     try:
-        found = _hash_problem(info.path, files)
+        found = None
+        if (text := _hash_problem(info.path, files)) is not None:
+            found = ("hash", text)
+        elif (text := verification.dcp_problem(info)) is not None:
+            found = ("dcp", text)
     except OSError as e:  # unreadable now (EIO, permissions, removed meanwhile): not cached, may be transient
         where = os.path.relpath(e.filename, info.path) if isinstance(e.filename, str) else "a listed file"
-        return f"{where} unreadable ({e.strerror or e})"
+        return "hash", f"{where} unreadable ({e.strerror or e})"
     if key is not None:
         _verified[key] = found
     return found
 
 
+def problem(info: CheckpointInfo) -> str | None:
+    """None when the complete checkpoint `info` verifies (hashes, then state/ against DCP's index, as
+    `dcp-resume verify` checks), else the first problem, naming the file."""
+    if not info.complete:
+        return info.reason
+    found = _problem(info)
+    return None if found is None else found[1]
+
+
 def check(info: CheckpointInfo) -> None:
-    """Raise CorruptCheckpointError naming the checkpoint and the file unless `info` hash-verifies."""
-    found = problem(info)
-    if found is not None:
-        raise CorruptCheckpointError(
-            f"{info.path} fails verification: {found}. Its files changed after the checkpoint was committed "
-            "(disk corruption, a partial copy or an edit), so it is not loaded; resume from another checkpoint "
-            "(`dcp-resume ls <save_dir>` lists them)")
+    """Raise CorruptCheckpointError (or UnsafeCheckpointError) naming the checkpoint and the file unless
+    `info` verifies."""
+    if not info.complete:
+        raise CorruptCheckpointError(f"{info.path} fails verification: {info.reason}")
+    found = _problem(info)
+    if found is None:
+        return
+    kind, text = found
+    if kind == "dcp":
+        dcp_io.read_metadata(os.path.join(info.path, STATE_DIR))  # an unsafe or unreadable index: its own error
+        raise CorruptCheckpointError(f"{info.path} fails verification: {text}; it is not loaded: resume from "
+                                     "another checkpoint (`dcp-resume ls <save_dir>` lists them)")
+    raise CorruptCheckpointError(
+        f"{info.path} fails verification: {text}. Its files changed after the checkpoint was committed "
+        "(disk corruption, a partial copy or an edit), so it is not loaded; resume from another checkpoint "
+        "(`dcp-resume ls <save_dir>` lists them)")

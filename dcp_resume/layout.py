@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -34,11 +35,19 @@ def utc_now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
+MAX_STEP = 2**63 - 1  # what DCP and every counter here can hold
+
+
 def _timestamp_key(ts: Any) -> float:
     try:
         return _dt.datetime.fromisoformat(str(ts)).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError, OSError):
         return float("-inf")
+
+
+def _is_count(value: Any, least: int) -> bool:
+    """A JSON integer (not a bool, not a float such as 1e400) in [least, MAX_STEP]."""
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value <= MAX_STEP
 
 
 @dataclass
@@ -57,7 +66,8 @@ class CheckpointInfo:
 
     @property
     def step(self) -> int:
-        return int(self.meta.get("step", -1))
+        step = self.meta.get("step")
+        return step if _is_count(step, 0) else -1
 
     @property
     def order(self) -> tuple[int, float]:
@@ -83,6 +93,9 @@ def _judge(path: str, present: dict[str, int] | None) -> tuple[bool, str, dict[s
     if present is None:
         return False, NO_DIR, {}
     if METADATA_FILE not in present:
+        marker = os.path.join(path, METADATA_FILE)
+        if storage.is_link(marker) or storage.exists(marker):  # there, but a FIFO, device, socket or symlink
+            return False, "metadata.json is not a regular file (a FIFO, device, socket or symlink)", {}
         return False, NO_COMMIT, {}
     try:
         meta = storage.read_json(os.path.join(path, METADATA_FILE))
@@ -93,6 +106,9 @@ def _judge(path: str, present: dict[str, int] | None) -> tuple[bool, str, dict[s
     lacking = [k for k in REQUIRED_KEYS if k not in meta]
     if lacking:
         return False, f"metadata.json lacks {', '.join(lacking)}", meta
+    for key, least in (("step", 0), ("epoch", 0), ("world_size", 1)):
+        if not _is_count(meta[key], least):
+            return False, f"metadata.json {key} is {json.dumps(meta[key])[:40]}, not an integer >= {least}", meta
     files = meta["files"]
     if not isinstance(files, dict) or not files:
         return False, "metadata.json lists no files", meta

@@ -324,6 +324,9 @@ class CheckpointManager:
         final save at the step of a committed checkpoint, which then becomes the final one)."""
         if self._lock is None:
             self._lock = savedir_lock.acquire(self.save_dir, owner=self)
+        if storage.is_link(path):  # never write a checkpoint through a link (it may point outside save_dir)
+            logger.warning("Removing the symlink %s (it is not a checkpoint; its target is left alone)", path)
+            storage.remove_file(path)
         info = layout.inspect_dir(path)
         damage = integrity.problem(info) if info.complete else None
         if info.complete and damage is None:
@@ -419,6 +422,8 @@ class CheckpointManager:
                     "directories (ones with a valid metadata.json)")
             return found
         path = os.fspath(checkpoint_path)
+        if storage.is_link(path):  # a path the user named (e.g. runs/latest -> step_900): follow it, once
+            path = os.path.realpath(path)
         if storage.isfile(path):
             raise CheckpointNotFoundError(f"Checkpoint path is a file, not a checkpoint directory: {path}")
         if not storage.isdir(path):

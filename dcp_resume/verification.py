@@ -83,6 +83,17 @@ def _check_file(report: Report, rel: str, entry: dict, size: int | None, quick: 
                         f"records {want})")
 
 
+def dcp_problem(info: layout.CheckpointInfo) -> str | None:
+    """The first problem of a complete checkpoint's state/ against DCP's index (unsafe or unreadable
+    .metadata, shards outside state/ or missing, truncated, unlisted), as '<file>: <what>'; None if none."""
+    report = Report(info.path)
+    files = info.meta.get("files")
+    _check_dcp_coverage(report, set(files) if isinstance(files, dict) else set(), info.on_disk)
+    for rel, problems in sorted(report.problems.items()):
+        return f"{rel}: {problems[0]}"
+    return None
+
+
 def _check_dcp_coverage(report: Report, listed: set[str], present: dict[str, int]) -> None:
     state = layout.STATE_DIR + "/"
     index_rel = state + dcp_io.DCP_METADATA

@@ -20,7 +20,7 @@ from conftest import run
 from trainer_runs import TRAIN
 
 from dcp_resume import CheckpointManager, dcp_io, storage
-from dcp_resume.errors import UnsafeCheckpointError
+from dcp_resume.errors import CheckpointNotFoundError, UnsafeCheckpointError
 
 REFUSED = "that dcp-resume will not load: unpickling it could run code"
 
@@ -81,13 +81,15 @@ def test_the_payloads_are_real_plain_dcp_runs_them(hostile):
 def test_hostile_metadata_is_refused_by_load_checkpoint(hostile):
     meta_ckpt, _, marker = hostile
     mgr = CheckpointManager(meta_ckpt.parent, verbose=False)
-    assert mgr.find_latest_checkpoint() == str(meta_ckpt)  # its hashes match: it was re-signed
+    # Its hashes match (it was re-signed), but discovery checks state/ as verify does: never picked.
+    assert mgr.find_latest_checkpoint() is None
+    with pytest.raises(CheckpointNotFoundError):
+        mgr.load_checkpoint()
     expected = f"^{meta_ckpt}/state/.metadata holds a pickled object of type posix.system {REFUSED}"
-    for path in (str(meta_ckpt), None):  # explicit and auto-resume
-        with pytest.raises(UnsafeCheckpointError, match=expected):
-            mgr.load_checkpoint(path)
-        with pytest.raises(UnsafeCheckpointError, match=expected):
-            mgr.load_checkpoint(path, state={"model": Tiny()})
+    with pytest.raises(UnsafeCheckpointError, match=expected):  # named explicitly: refused, with the reason
+        mgr.load_checkpoint(str(meta_ckpt))
+    with pytest.raises(UnsafeCheckpointError, match=expected):
+        mgr.load_checkpoint(str(meta_ckpt), state={"model": Tiny()})
     assert not marker.exists()
 
 

@@ -70,6 +70,10 @@ def isdir(path: str) -> bool:
     return backend(path).isdir(path)
 
 
+def is_link(path: str) -> bool:
+    return backend(path).is_link(path)
+
+
 def isfile(path: str) -> bool:
     return backend(path).isfile(path)
 
@@ -95,8 +99,17 @@ def read_bytes(path: str) -> bytes:
     return backend(path).read_bytes(path)
 
 
+JSON_LIMIT = 64 << 20  # metadata.json, config.json, training_stats.json: small files; a bigger one is damage
+
+
 def read_json(path: str) -> Any:
-    return json.loads(read_bytes(path))
+    """A small JSON file, at most JSON_LIMIT bytes. Damage (too big, not JSON, nested past Python's recursion
+    limit) raises ValueError or OSError, never RecursionError or MemoryError."""
+    data = backend(path).read_bytes(path, limit=JSON_LIMIT)
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError(f"{path} nests deeper than any real metadata; it is damaged") from None
 
 
 def write_bytes_durably(path: str, data: bytes) -> None:

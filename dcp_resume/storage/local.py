@@ -3,9 +3,26 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from typing import Any, BinaryIO
 
 _CHUNK = 4 << 20
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _open_regular(path: str) -> int:
+    """An fd for a regular file, never following a symlink and never blocking on a FIFO or device: a
+    checkpoint's files may be anything (a FIFO would hang a reader, /dev/zero would exhaust memory)."""
+    fd = os.open(path, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(f"{path} is not a regular file") if stat.S_ISDIR(os.fstat(fd).st_mode) \
+                else OSError(f"{path} is not a regular file (a FIFO, device or socket); refusing to read it")
+        os.set_blocking(fd, True)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class LocalBackend:
@@ -20,41 +37,52 @@ class LocalBackend:
     def isdir(self, path: str) -> bool:
         return os.path.isdir(path)
 
+    def is_link(self, path: str) -> bool:
+        return os.path.islink(path)
+
     def isfile(self, path: str) -> bool:
         return os.path.isfile(path)
 
     def listdir(self, path: str, dirs_only: bool = False) -> list[str]:
-        """Names in a directory ([] when it does not exist)."""
+        """Names in a directory ([] when it does not exist); dirs_only: real directories, not symlinks to one."""
         try:
             names = os.listdir(path)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(n for n in names if not dirs_only or os.path.isdir(os.path.join(path, n)))
+        return sorted(n for n in names if not dirs_only or _is_real_dir(os.path.join(path, n)))
 
     def file_sizes(self, root: str) -> dict[str, int] | None:
-        """Relative path -> size of every regular file under root, from one walk; None if root is not a directory."""
-        if not os.path.isdir(root):
+        """Relative path -> size of every regular file under root, from one walk; None if root is not a real
+        directory. Symlinks, FIFOs, devices and sockets are left out, so a checkpoint listing one is incomplete."""
+        if not _is_real_dir(root):
             return None
         out = {}
-        for dirpath, _, names in os.walk(root):
+        for dirpath, _, names in os.walk(root):  # os.walk does not descend into symlinked directories
             for n in names:
                 p = os.path.join(dirpath, n)
                 try:
-                    out[os.path.relpath(p, root)] = os.path.getsize(p)
+                    st = os.lstat(p)
                 except FileNotFoundError:  # removed while we walked
-                    pass
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    out[os.path.relpath(p, root)] = st.st_size
         return out
 
     def makedirs(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
     def open_read(self, path: str) -> BinaryIO:
-        """Plain unbuffered reads, not mmap: an I/O error on flaky storage must be an exception, not a SIGBUS."""
-        return open(path, "rb", buffering=0)
+        """Plain unbuffered reads, not mmap: an I/O error on flaky storage must be an exception, not a SIGBUS.
+        Regular files only (see _open_regular)."""
+        return open(_open_regular(path), "rb", buffering=0)
 
-    def read_bytes(self, path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
+    def read_bytes(self, path: str, limit: int | None = None) -> bytes:
+        """The file's bytes; with `limit`, an OSError instead of reading more than limit bytes."""
+        with open(_open_regular(path), "rb") as f:
+            data = f.read() if limit is None else f.read(limit + 1)
+        if limit is not None and len(data) > limit:
+            raise OSError(f"{path} is larger than {limit} bytes; refusing to read it as a small JSON file")
+        return data
 
     def write_durably(self, path: str, data: bytes) -> None:
         """Write a file and fsync it; the caller fsyncs the directory once all files are in (sync_dir)."""
@@ -120,6 +148,13 @@ class LocalBackend:
 
     def check_reachable(self, path: str) -> None:
         """A local save_dir needs nothing up front: it is created at the first save."""
+
+
+def _is_real_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _stat3(path: str) -> tuple[int, int, int]:

@@ -70,8 +70,15 @@ class FsspecBackend:
     def open_read(self, path: str) -> BinaryIO:
         return self.fs.open(path, "rb")
 
-    def read_bytes(self, path: str) -> bytes:
-        return self.fs.cat_file(path)
+    def is_link(self, path: str) -> bool:
+        return False  # object stores have no links
+
+    def read_bytes(self, path: str, limit: int | None = None) -> bytes:
+        """The object's bytes; with `limit`, an OSError instead of reading more than limit bytes."""
+        data = self.fs.cat_file(path) if limit is None else self.fs.cat_file(path, start=0, end=limit + 1)
+        if limit is not None and len(data) > limit:
+            raise OSError(f"{path} is larger than {limit} bytes; refusing to read it as a small JSON file")
+        return data
 
     def write_durably(self, path: str, data: bytes) -> None:
         self.fs.pipe_file(path, data)  # one PUT: durable when it returns
