@@ -112,7 +112,7 @@ def _model_and_optimizer_state(live: LiveState) -> dict[str, Any]:
     return out
 
 
-def to_save(state: dict[str, Any], group, rank: int) -> dict[str, Any]:
+def to_save(state: dict[str, Any], group, rank: int, world: int) -> dict[str, Any]:
     """The nested dict handed to dcp.save (collective: ranks compare which entries differ per rank)."""
     if per_rank.PER_RANK_KEY in state:
         raise ValueError(f"state key {per_rank.PER_RANK_KEY!r} is reserved for per-rank state; rename it")
@@ -123,7 +123,7 @@ def to_save(state: dict[str, Any], group, rank: int) -> dict[str, Any]:
     entries.update(live.plain)
     for key, value in entries.items():
         _check_str_keys(value, f"state[{key!r}]")
-    out.update(per_rank.place(entries, {**live.statefuls, **live.plain}, group, rank))
+    out.update(per_rank.place(entries, {**live.statefuls, **live.plain}, group, rank, world))
     return out
 
 

@@ -164,7 +164,7 @@ class CheckpointManager:
                 self._on_rank0_then_share(lambda: self._relabel_as_final(path, extras, commit))
                 self.last_blocking_s = time.perf_counter() - t0
                 return path
-            payload = live_state.to_save(state, self._group, rank())
+            payload = live_state.to_save(state, self._group, rank(), world_size())
         if not self.async_save:
             self._write_and_commit(payload, extras, path, commit, self._group, t0)
             self.last_blocking_s = time.perf_counter() - t0

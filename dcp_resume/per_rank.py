@@ -4,8 +4,9 @@ DCP keeps one copy of a key that several ranks save, which is right for replicat
 data loader's position or an RNG stream (every rank would get rank 0's back). So before a save the ranks
 compare a digest of each entry of `state` that is not a model or optimizer. An entry that differs on some rank,
 or that is per rank by nature (a data loader, whose position is its rank's share of the data even when the
-numbers agree, or an object with `checkpoint_per_rank = True`), is written by every rank under `__per_rank__/rank<r>/<key>`; the rest are written once, as before. Models and
-optimizers never go here: DCP deduplicates and reshards them.
+numbers agree, or an object with `checkpoint_per_rank = True`), is written by every rank under
+`__per_rank__/rank<r>/<key>`; the rest are written once, as before. Models and optimizers never go here: DCP
+deduplicates and reshards them.
 
 On load at the saving world size each rank reads its own copy. At another world size a per-rank entry has no
 owner. A data loader whose batch sampler is a `ResumableSampler` is resharded: its sampler takes the global
@@ -64,7 +65,7 @@ def digest(value: Any) -> str | None:
         if isinstance(leaf, torch.Tensor):
             t = leaf.detach().cpu().contiguous().reshape(-1)
             h.update(f"{t.dtype}{tuple(leaf.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes())
+            h.update(t.view(torch.uint8).numpy())  # hashed in place, no copy
         else:
             try:
                 h.update(pickle.dumps(leaf, protocol=4))
@@ -73,13 +74,16 @@ def digest(value: Any) -> str | None:
     return h.hexdigest()
 
 
-def place(entries: dict[str, Any], objects: dict[str, Any], group, rank: int) -> dict[str, Any]:
+def place(entries: dict[str, Any], objects: dict[str, Any], group, rank: int, world: int) -> dict[str, Any]:
     """Save side, collective: `entries` (key -> what would be saved) with the per-rank ones moved under
-    PER_RANK_KEY/rank<r>. `objects` are the live objects, to tell data loaders by type."""
+    PER_RANK_KEY/rank<r>. `objects` are the live objects, to tell data loaders by type. Alone (world 1) there
+    is nothing to compare, so nothing is hashed."""
     forced = {k for k, obj in objects.items() if per_rank_by_nature(obj)}
-    mine = {k: digest(v) for k, v in entries.items() if k not in forced}
-    everyone = group.all_gather(mine)
-    differing = {k for k, d in mine.items() if d is not None and any(other.get(k) != d for other in everyone)}
+    differing: set[str] = set()
+    if world > 1:
+        mine = {k: digest(v) for k, v in entries.items() if k not in forced}
+        everyone = group.all_gather(mine)
+        differing = {k for k, d in mine.items() if d is not None and any(other.get(k) != d for other in everyone)}
     per_rank = forced | differing
     out = {k: v for k, v in entries.items() if k not in per_rank}
     if per_rank:

@@ -15,9 +15,11 @@ def _open_regular(path: str) -> int:
     checkpoint's files may be anything (a FIFO would hang a reader, /dev/zero would exhaust memory)."""
     fd = os.open(path, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise IsADirectoryError(f"{path} is not a regular file") if stat.S_ISDIR(os.fstat(fd).st_mode) \
-                else OSError(f"{path} is not a regular file (a FIFO, device or socket); refusing to read it")
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(f"{path} is not a regular file")
+        if not stat.S_ISREG(mode):
+            raise OSError(f"{path} is not a regular file (a FIFO, device or socket); refusing to read it")
         os.set_blocking(fd, True)
         return fd
     except BaseException:
