@@ -68,3 +68,8 @@ for src in args.load:
         torch.save(back, os.path.join(out, f"{src}_at_ws{world}.pt"))
 if dist.is_initialized():
     dist.destroy_process_group()
+# Everything is written and checked by now. Under load, interpreter teardown after destroy_process_group
+# sometimes aborts ("terminate called without an active exception", seen in 2 of 6 full CI-style runs, never
+# when run alone); leave without teardown until that is root-caused (noted on issue 13).
+sys.stdout.flush()
+os._exit(0)
