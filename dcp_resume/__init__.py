@@ -8,11 +8,13 @@ from .errors import (  # noqa: E402
     CheckpointSaveError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
+    RankFailureError,
     SaveDirLockedError,
     StorageError,
     UnsafeCheckpointError,
 )
 from .ddp import InexactResumeWarning, exact_ddp, exact_gradient_sync  # noqa: E402
+from .distributed import rank_failures_named  # noqa: E402
 from .experiment import ExperimentCheckpointer  # noqa: E402
 from .manager import CheckpointManager  # noqa: E402
 from .preemption import PREEMPTED_EXIT_CODE  # noqa: E402
@@ -22,5 +24,5 @@ from .sampler import ResumableSampler  # noqa: E402
 __all__ = ["CheckpointManager", "PREEMPTED_EXIT_CODE", "ExperimentCheckpointer", "CheckpointExistsError", "CheckpointMismatchError", "CheckpointNotFoundError",
            "CheckpointSaveError", "CorruptCheckpointError", "IncompleteCheckpointError", "SaveDirLockedError",
            "StorageError", "UnsafeCheckpointError", "exact_ddp", "exact_gradient_sync", "InexactResumeWarning",
-           "ResumableSampler", "RNGState",
+           "ResumableSampler", "RNGState", "RankFailureError", "rank_failures_named",
            "__version__"]

@@ -29,12 +29,13 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from . import storage
+from . import metadata_check, storage
 from .distributed import is_distributed
 from .errors import CorruptCheckpointError, UnsafeCheckpointError
 
 DCP_METADATA = ".metadata"
 SHARD_SUFFIX = ".distcp"
+METADATA_LIMIT = 2 << 30  # a .metadata past 2 GiB (millions of tensor chunks) is damage, not read into memory
 
 __all__ = ["save", "load", "read_metadata", "flat_keys", "template_from_metadata", "saved_paths",
            "shard_files_of_rank"]
@@ -146,8 +147,7 @@ class _SafeMetadata:
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
-            data = f.read()
+        data = storage.read_bytes(str(path), limit=METADATA_LIMIT)  # a regular file, bounded, never a FIFO
         try:
             metadata = _MetadataUnpickler(io.BytesIO(data), str(path), len(data)).load()
         except (UnsafeCheckpointError, CorruptCheckpointError):
@@ -158,6 +158,9 @@ class _SafeMetadata:
         if not isinstance(metadata, Metadata):
             raise CorruptCheckpointError(f"{path} holds a {type(metadata).__name__}, not DCP metadata; the "
                                          "checkpoint is damaged: resume from another one")
+        if (found := metadata_check.problem(metadata)) is not None:
+            raise CorruptCheckpointError(f"{path} is not a usable DCP .metadata: {found}; the checkpoint is "
+                                         "damaged or crafted: resume from another one")
         if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader.read_metadata does
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

@@ -1,10 +1,70 @@
-"""The few collectives the commit protocol needs, on a dedicated gloo group (CPU objects only)."""
+"""The few collectives the commit protocol needs, on a dedicated gloo group (CPU objects only), and how a
+failed collective is told apart and named (another rank died or hung)."""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 from typing import Any
 
 import torch.distributed as dist
+
+from .errors import RankFailureError
+
+
+# How a collective reports a rank that died or hung: gloo's timeout and closed connections, NCCL's watchdog.
+_PEER_FAILURE_TEXT = ("timed out waiting", "application timeout caused pair closure", "connection closed by peer",
+                      "connection reset by peer", "watchdog caught collective operation timeout",
+                      "nccl communicator was aborted")
+
+
+def causes(e: BaseException) -> list[BaseException]:
+    """e, what it was raised from, and every rank's error inside a DCP CheckpointException."""
+    out, todo = [], [e]
+    while todo and len(out) < 64:
+        exc = todo.pop(0)
+        if exc is None or any(exc is seen for seen in out):
+            continue
+        out.append(exc)
+        todo += [exc.__cause__, exc.__context__]
+        failures = getattr(exc, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return [exc for exc in out if isinstance(exc, BaseException)]
+
+
+def first_line(e: BaseException) -> str:
+    """What went wrong, in one line: for a DCP CheckpointException, the first failing rank's own error."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        where, failure = min(failures.items(), key=lambda item: item[0])
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, BaseException):
+            return f"rank {where}: {first_line(inner)}"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def peer_failure(e: BaseException) -> bool:
+    """Whether e says another rank died or hung (a collective timed out or lost its connection)."""
+    dist_error = getattr(dist, "DistError", ())
+    return any(isinstance(exc, dist_error) or any(t in str(exc).lower() for t in _PEER_FAILURE_TEXT)
+               for exc in causes(e))
+
+
+@contextlib.contextmanager
+def rank_failures_named(what: str, timeout_s: float):
+    """Around a training step: a collective that fails because another rank died or hung (gloo's timeout
+    is the process group's `timeout`) becomes one RankFailureError naming `what`, e.g. 'step 12'."""
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, RankFailureError) or not peer_failure(e):
+            raise
+        detail = first_line(e)
+        raise RankFailureError(
+            f"{what} failed on rank {rank()}: {detail}. Another rank has died or hung (collectives wait at most "
+            f"collective_timeout_s={timeout_s:g}s); the last committed checkpoint stays the latest: resume from "
+            "it") from e
 
 
 def is_distributed() -> bool:

@@ -21,6 +21,10 @@ class CheckpointSaveError(RuntimeError):
     """A save failed on some rank; the previous checkpoint stays the latest."""
 
 
+class RankFailureError(RuntimeError):
+    """A collective outside a save (a gradient sync) failed: another rank died or hung past its timeout."""
+
+
 class CorruptCheckpointError(ValueError):
     """A committed checkpoint whose files no longer match the content hashes metadata.json records."""
 

@@ -100,6 +100,9 @@ def write_atomically(tensors: dict[str, torch.Tensor], out: str, fmt: str, metad
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
+    except Exception as e:  # OSError (ENOSPC, EROFS), SafetensorError, torch.save's RuntimeError
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"could not write --out {out}: {detail}; nothing was written ({out} is as it was)") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

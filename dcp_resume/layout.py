@@ -75,6 +75,13 @@ class CheckpointInfo:
         return (self.step, _timestamp_key(self.meta.get("timestamp")))
 
 
+def listed_bytes(files: Any) -> int:
+    """The sizes metadata.json records for its files, summed (entries without an integer size count 0)."""
+    if not isinstance(files, dict):
+        return 0
+    return sum(i["size"] for i in files.values() if isinstance(i, dict) and _is_count(i.get("size"), 0))
+
+
 def _safe_relpath(rel: str) -> bool:
     parts = rel.replace("\\", "/").split("/")
     return bool(rel) and not os.path.isabs(rel) and ".." not in parts

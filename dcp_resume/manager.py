@@ -12,8 +12,8 @@ from torch.distributed.checkpoint import CheckpointException
 
 from . import accelerate_loaders
 from . import artifacts as artifacts_mod
-from . import dcp_io, disk_guard, integrity, layout, live_state, per_rank, savedir_lock, storage
-from .distributed import CommitGroup, is_distributed, rank, world_size
+from . import dcp_io, disk_guard, integrity, layout, live_state, per_rank, run_start, savedir_lock, storage
+from .distributed import CommitGroup, first_line, peer_failure, rank, world_size
 from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -45,6 +45,11 @@ def _as_dict(config: Any) -> dict[str, Any]:
     raise TypeError(f"config must be a dict, dataclass or namespace, got {type(config).__name__}")
 
 
+def _log_failure(future, step: int) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("Background save of step %s failed: %s", step, future.exception())
+
+
 def _signal_name(signum: int | None) -> str:
     import signal
 
@@ -69,7 +74,7 @@ class CheckpointManager:
                  config: Any = None, keep_best: bool = True, collective_timeout_s: float = 600.0,
                  preemption_signals=DEFAULT_SIGNALS, async_save: bool = False,
                  on_commit: Callable[[str], None] | None = None, low_disk_policy: str = "skip",
-                 storage_options: dict[str, Any] | None = None):
+                 storage_options: dict[str, Any] | None = None, lock_wait_s: float = 30.0):
         if save_dir is None or str(save_dir) == "":
             raise ValueError("save_dir is empty; pass the directory that holds (or will hold) checkpoints")
         validate_keep_last_n(keep_last_n)
@@ -102,7 +107,8 @@ class CheckpointManager:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="dcp-resume-save") if async_save else None
         self._in_flight: tuple[int, str, Any] | None = None
         self._cleaned_at_start = False
-        self._lock: savedir_lock.SaveDirLock | None = None  # one writer per save_dir: taken at the first save
+        self._lock: savedir_lock.SaveDirLock | None = None  # one writer per save_dir: start_run or first save
+        self.lock_wait_s = lock_wait_s  # how long a live holder (e.g. `dcp-resume prune`) is waited for
         self._last_bytes: int | None = None  # size of this manager's last commit: the next one's space estimate
         self.preempted = False
         self._warned_loaders = False  # accelerate loaders without resumable order: warned once
@@ -124,6 +130,19 @@ class CheckpointManager:
         if force or self.preempted:
             return True
         return bool(self.save_interval) and step > 0 and step % self.save_interval == 0
+
+    def start_run(self, resume_from: str | os.PathLike | None = None) -> None:
+        """Claim save_dir for this run before training (collective; optional, but it turns late failures into
+        early ones): check that save_dir is a writable directory, take its lock (waiting up to lock_wait_s for
+        a live holder), and refuse (CheckpointExistsError) when save_dir holds a checkpoint at a higher step
+        than `resume_from` (the checkpoint this run resumes; None: a fresh run from step 0). Raises
+        StorageError or SaveDirLockedError otherwise, the same on every rank, before anything is written."""
+        start = None if resume_from is None else os.fspath(resume_from)
+
+        def claim() -> None:
+            run_start.check_no_newer(self.save_dir, start)  # first: a refused run leaves no trace, not even a lock
+            self._take_lock()
+        self._on_rank0_then_share(claim)
 
     def find_latest_checkpoint(self, checkpoint_dir: str | os.PathLike | None = None) -> str | None:
         """Path of the complete checkpoint with the highest step (ties: newest timestamp) whose files all
@@ -172,8 +191,9 @@ class CheckpointManager:
         staged = self._staging.stage(payload)
         group = self._background_group
         group.group  # noqa: B018  (created here, in the main thread, in the same order on every rank)
-        self._in_flight = (step, path, self._executor.submit(self._write_and_commit, staged, extras, path,
-                                                             commit, group, t0))
+        future = self._executor.submit(self._write_and_commit, staged, extras, path, commit, group, t0)
+        future.add_done_callback(lambda f: _log_failure(f, step))  # said when it happens; raised by wait()
+        self._in_flight = (step, path, future)
         self.last_blocking_s = time.perf_counter() - t0
         return path
 
@@ -276,15 +296,16 @@ class CheckpointManager:
         except BaseException as e:
             # Every rank is past its writes once an error is shared; rank 0 drops the uncommitted directory
             # (e.g. after ENOSPC) so it takes no space. The previous checkpoints are untouched.
+            if isinstance(e, OSError):  # a disk error (ENOSPC, EIO) while writing side files or the commit
+                cause = disk_guard.disk_full(e, self.save_dir) or str(e)
+                e = CheckpointSaveError(f"save of step {step} to {path} failed: {cause}. The previous checkpoint "
+                                        f"stays the latest ({e})")
             if rank() == 0 and not storage.exists(os.path.join(path, layout.METADATA_FILE)):
                 storage.remove_tree(path)
-            if isinstance(e, OSError):  # a disk error (ENOSPC, EIO) while writing side files or the commit
-                raise CheckpointSaveError(f"save of step {step} to {path} failed: {e}. The previous checkpoint "
-                                          "stays the latest") from e
-            raise
+            raise e
         self._last_bytes = size
         if rank() == 0:
-            self._apply_retention()
+            self._apply_retention(protect=path)
             logger.info("Saved checkpoint: %s (%.1f MB, %.2f s)", path, size / 1e6, time.perf_counter() - t0)
             if self.on_commit is not None:
                 self.on_commit(path)
@@ -298,11 +319,15 @@ class CheckpointManager:
         except (RuntimeError, CheckpointException) as e:
             if isinstance(e, CheckpointSaveError):
                 raise
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointSaveError(
-                f"{what} failed on rank {rank()}: {detail}. Another rank may have died or hung (collectives "
-                f"wait at most collective_timeout_s={self._group.timeout_s:g}s); the previous checkpoint "
-                "stays the latest") from e
+            detail = first_line(e)
+            full = disk_guard.disk_full(e, self.save_dir)  # before rank 0 removes the partial directory
+            if full is not None:
+                cause = f"{full} ({detail})"
+            else:
+                cause = (f"{detail}. Another rank {'has' if peer_failure(e) else 'may have'} died or hung "
+                         f"(collectives wait at most collective_timeout_s={self._group.timeout_s:g}s)")
+            raise CheckpointSaveError(f"{what} failed on rank {rank()}: {cause}; the previous checkpoint stays "
+                                      "the latest") from e
 
     def _on_rank0_then_share(self, fn, group: CommitGroup | None = None) -> Any:
         """Run fn on rank 0; every rank returns its result or raises its exception, so no rank hangs or
@@ -322,8 +347,7 @@ class CheckpointManager:
         """Rank 0, before a save: lock, refuse to overwrite, clean leftovers, check free space, make the
         directory. Returns _WRITE, _SKIP (a periodic save skipped for lack of disk space) or _RELABEL (a
         final save at the step of a committed checkpoint, which then becomes the final one)."""
-        if self._lock is None:
-            self._lock = savedir_lock.acquire(self.save_dir, owner=self)
+        self._take_lock()
         if storage.is_link(path):  # never write a checkpoint through a link (it may point outside save_dir)
             logger.warning("Removing the symlink %s (it is not a checkpoint; its target is left alone)", path)
             storage.remove_file(path)
@@ -405,9 +429,15 @@ class CheckpointManager:
         if self.on_commit is not None:
             self.on_commit(path)
 
-    def _apply_retention(self, complete_too: bool = True) -> None:
+    def _take_lock(self) -> None:
+        """Rank 0: this manager's share of the save_dir lock, once save_dir is known to be writable."""
+        if self._lock is None:
+            run_start.check_writable(self.save_dir)
+            self._lock = savedir_lock.acquire(self.save_dir, owner=self, wait_s=self.lock_wait_s)
+
+    def _apply_retention(self, complete_too: bool = True, protect: str | None = None) -> None:
         infos = layout.list_checkpoints(self.save_dir)
-        for info in plan_removals(infos, self.keep_last_n if complete_too else None, self.keep_best):
+        for info in plan_removals(infos, self.keep_last_n if complete_too else None, self.keep_best, protect):
             why = "retention" if info.complete else f"incomplete: {info.reason}"
             logger.info("Removing checkpoint %s (%s)", info.path, why)
             storage.remove_tree(info.path)

@@ -1,4 +1,5 @@
-"""One writer per save_dir: `<save_dir>/.dcp-resume.lock`, taken by rank 0 at its first save, released by close().
+"""One writer per save_dir: `<save_dir>/.dcp-resume.lock`, taken by rank 0 at start_run() (or its first save),
+released by close().
 
 The lock file holds JSON {host, pid, start_time} and is created exclusively (O_CREAT|O_EXCL locally, a
 conditional PUT with If-None-Match on S3), so of two processes creating it at once exactly one succeeds.
@@ -59,10 +60,23 @@ class SaveDirLock:
                 storage.remove_file(self.path)
 
 
-def acquire(save_dir: str, owner: Any = None) -> SaveDirLock:
-    """Take (or share, within this process) the save_dir's lock, or raise SaveDirLockedError. With `owner`,
-    the share is also released when the owner is garbage-collected or the interpreter exits unclosed."""
-    lock = _acquire(save_dir)
+def acquire(save_dir: str, owner: Any = None, wait_s: float = 0.0) -> SaveDirLock:
+    """Take (or share, within this process) the save_dir's lock, or raise SaveDirLockedError. A live holder
+    is waited for up to `wait_s` seconds (a short one, such as `dcp-resume prune`, is then let finish). With
+    `owner`, the share is also released when the owner is garbage-collected or the interpreter exits unclosed."""
+    deadline, waiting = time.monotonic() + wait_s, False
+    while True:
+        try:
+            lock = _acquire(save_dir)
+            break
+        except SaveDirLockedError as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            if not waiting:
+                logger.warning("Waiting up to %.0f s for the save_dir lock: %s", wait_s, e)
+                waiting = True
+            time.sleep(min(0.5, left))
     if owner is not None:
         weakref.finalize(owner, lock.release)
     return lock

@@ -40,17 +40,16 @@ def verify_checkpoint(path: str, quick: bool = False) -> Report:
     report = Report(path)
     info = layout.inspect_dir(path)
     present = info.on_disk  # one listing: every file under the checkpoint and its size
-    if layout.METADATA_FILE not in present:
+    if layout.METADATA_FILE not in present and info.reason == layout.NO_COMMIT:
         report.status, report.note = "incomplete", layout.NO_COMMIT
         return report
     files = info.meta.get("files")
     if not isinstance(files, dict) or not files:
         report.add(layout.METADATA_FILE, info.reason or "lists no files")
         return report
-    missing_keys = [k for k in layout.REQUIRED_KEYS if k not in info.meta]
-    if missing_keys:
-        report.add(layout.METADATA_FILE, f"lacks {', '.join(missing_keys)}")
-    report.files, report.bytes = len(files), sum(i.get("size") or 0 for i in files.values() if isinstance(i, dict))
+    if not info.complete and info.reason.startswith(layout.METADATA_FILE):  # its own damage (garbage step, ...)
+        report.add(layout.METADATA_FILE, info.reason)
+    report.files, report.bytes = len(files), layout.listed_bytes(files)
     for rel, entry in sorted(files.items()):
         _check_file(report, rel, entry if isinstance(entry, dict) else {}, present.get(rel), quick)
     _check_dcp_coverage(report, set(files), present)

@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "in the background")
     c.add_argument("--no_async_save", dest="async_save", action="store_false", help="wait for whole saves")
     c.add_argument("--collective_timeout_s", type=float, default=600.0,
-                   help="how long a save/agreement waits for other ranks before failing with the step named")
+                   help="how long any collective (gradient sync, save, preemption agreement) waits for other "
+                        "ranks before the run fails with the step named: a hung or dead rank ends the job")
+    c.add_argument("--lock_wait_s", type=float, default=30.0,
+                   help="how long to wait at start for another holder of the save_dir lock (e.g. `dcp-resume "
+                        "prune`) before refusing")
     c.add_argument("--auto_resume", action="store_true", help="resume from the latest complete checkpoint")
     c.add_argument("--resume_from", metavar="PATH", help="resume from this checkpoint")
     c.add_argument("--no_load_optimizer", action="store_true", help="fresh optimizer state on resume")

@@ -10,7 +10,6 @@ Exit codes: 0 finished, 2 bad arguments, anything else failed.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys

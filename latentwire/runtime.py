@@ -1,6 +1,7 @@
 """Process setup shared by train.py and main_experiment.py: ranks, device, wrapping, logging."""
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import sys
@@ -24,15 +25,19 @@ class Runtime:
         return self.rank == 0
 
 
-def start() -> Runtime:
+def start(collective_timeout_s: float = 600.0) -> Runtime:
     """The same code under python, torchrun and accelerate launch: accelerate's state reads the
-    launcher's environment and starts the process group (gloo on CPU, NCCL on CUDA)."""
+    launcher's environment and starts the process group (gloo on CPU, NCCL on CUDA). Every collective of
+    the default group (DDP's gradient sync included) fails after collective_timeout_s instead of waiting
+    forever for a rank that hung."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    timeout = datetime.timedelta(seconds=collective_timeout_s)
+    acc = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
     world = acc.num_processes
     if world > 1 and not dist.is_initialized():  # accelerate leaves this to us in some launch modes
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     return Runtime(rank=acc.process_index, world_size=world, device=acc.device)
 
 

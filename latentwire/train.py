@@ -15,7 +15,16 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dcp_resume import PREEMPTED_EXIT_CODE, CheckpointManager, StorageError, storage  # noqa: E402
+from dcp_resume import (  # noqa: E402
+    PREEMPTED_EXIT_CODE,
+    CheckpointExistsError,
+    CheckpointManager,
+    CheckpointSaveError,
+    RankFailureError,
+    StorageError,
+    rank_failures_named,
+    storage,
+)
 from dcp_resume.layout import STATS_FILE  # noqa: E402
 from dcp_resume.preemption import exit_preempted  # noqa: E402
 from dcp_resume.rng import RNGState  # noqa: E402
@@ -68,7 +77,18 @@ class Trainer:
 
     def __init__(self, args):
         self.args = args
-        self.rt = start()
+        self.rt = start(args.collective_timeout_s)
+        self.manager = CheckpointManager(args.save_dir, save_interval=args.save_every,
+                                         keep_last_n=args.keep_last_n, config=recorded_config(args), verbose=False,
+                                         storage_options=args.storage_options,
+                                         async_save=args.async_save,
+                                         collective_timeout_s=args.collective_timeout_s,
+                                         lock_wait_s=args.lock_wait_s,
+                                         on_commit=lambda path: self.log.info(f"Saved checkpoint: {path}"))
+        # The save_dir is claimed (writable, locked, nothing newer than where this run starts) before anything
+        # is logged into it or trained: a busy or mismatched save_dir is refused in one sentence at start.
+        self.resume_path = self._resume_path()
+        self.manager.start_run(None if args.reset_epoch else self.resume_path)  # --reset_epoch: from step 0
         local_logs = None if storage.is_url(args.save_dir) else os.path.join(args.save_dir, "logs")
         self.log = setup_logging(args.log_dir or local_logs, self.rt)
         self.examples = load_examples(args.dataset, args.samples, seed=args.seed)
@@ -87,27 +107,24 @@ class Trainer:
         self.counters = {"epoch": 0, "global_step": 0, "samples_seen": 0, "best_metric": None,
                          "batch_size": args.batch_size, "world_size": self.rt.world_size}
         self.stats = {"steps": [], "evals": []}
-        self.manager = CheckpointManager(args.save_dir, save_interval=args.save_every,
-                                         keep_last_n=args.keep_last_n, config=recorded_config(args), verbose=False,
-                                         storage_options=args.storage_options,
-                                         async_save=args.async_save,
-                                         collective_timeout_s=args.collective_timeout_s,
-                                         on_commit=lambda path: self.log.info(f"Saved checkpoint: {path}"))
 
     # -- resume ---------------------------------------------------------------------------------
-    def resume(self) -> None:
+    def _resume_path(self) -> str | None:
+        """The checkpoint this run resumes from (--resume_from, or the latest for --auto_resume), or None."""
         a = self.args
-        path = a.resume_from
-        if a.auto_resume:
-            path = self.manager.find_latest_checkpoint()
-            if path is None:
-                self.log.info(f"No checkpoint found to resume in {a.save_dir}; starting fresh")
-                return
-        if path is None:
-            return
-        if a.reset_epoch and _same_place(os.path.dirname(path.rstrip("/")), a.save_dir):
+        path = self.manager.find_latest_checkpoint() if a.auto_resume else a.resume_from
+        if path is not None and a.reset_epoch and _same_place(os.path.dirname(path.rstrip("/")), a.save_dir):
             raise ValueError(f"--reset_epoch restarts step numbers, so its checkpoints would mix with those already "
                              f"in --save_dir {a.save_dir}; pass a new --save_dir")
+        return path
+
+    def resume(self) -> None:
+        a = self.args
+        path = self.resume_path
+        if path is None:
+            if a.auto_resume:
+                self.log.info(f"No checkpoint found to resume in {a.save_dir}; starting fresh")
+            return
         state = {"model": self.model}
         if not a.no_load_optimizer:
             state["optimizer"] = self.opt
@@ -161,11 +178,12 @@ class Trainer:
             for indices in self.sampler:
                 batch = collate([self.examples[i] for i in indices], self.cfg.max_context_bytes,
                                 self.cfg.max_answer_tokens)
-                with autocast:
-                    out = self.model(batch)
-                out["loss"].backward()
-                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                               a.grad_clip)
+                with rank_failures_named(f"step {c['global_step'] + 1}", a.collective_timeout_s):
+                    with autocast:
+                        out = self.model(batch)
+                    out["loss"].backward()  # DDP/FSDP collectives: a hung rank times out here
+                    torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                   a.grad_clip)
                 self.opt.step()
                 self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
@@ -236,8 +254,14 @@ class Trainer:
                 c = self.counters
                 f.write(f"{c['epoch']} {c['global_step']} {self.rt.rank} {','.join(map(str, ids.tolist()))}\n")
 
-    def close(self) -> None:
-        self.manager.close()
+    def close(self, failed: bool = False) -> None:
+        """After a failure, the save in flight (if any) is the same failure, or one more: logged, not raised."""
+        try:
+            self.manager.close()
+        except Exception as e:
+            if not failed:
+                raise
+            self.log.error(f"while closing after the failure: {e}")
 
 
 def main(argv=None) -> int:
@@ -245,13 +269,19 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(args)
         trainer.resume()
-    except (ValueError, FileNotFoundError, StorageError) as e:  # bad input: one sentence, no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, FileExistsError, StorageError) as e:  # bad input or a busy save_dir
+        print(f"error: {e}", file=sys.stderr)  # one sentence, no traceback, before any training
         return 2
     try:
         code = trainer.train()
-    finally:
-        trainer.close()
+    except (CheckpointSaveError, CheckpointExistsError, RankFailureError) as e:
+        print(f"error: {e}", file=sys.stderr)  # the step and the cause; the last commit stays the latest
+        trainer.close(failed=True)
+        return 1
+    except BaseException:
+        trainer.close(failed=True)
+        raise
+    trainer.close()
     if code == PREEMPTED_EXIT_CODE:
         exit_preempted()
     return code

@@ -106,7 +106,7 @@ def _epoch_counts(steps, epoch):
 
 @pytest.mark.slow
 def test_seedable_sampler_resume_is_exact(tmp_path):
-    full = _launch(tmp_path, "full", "--seedable", "--final", tmp_path / "full.pt")
+    _launch(tmp_path, "full", "--seedable", "--final", tmp_path / "full.pt")
     stop = _launch(tmp_path, "cut", "--seedable", "--stop_after", STOP, "--check")
     assert "UNRESUMABLE: None" in stop
     resumed = _launch(tmp_path, "cut", "--seedable", "--resume", "--final", tmp_path / "cut.pt")

@@ -71,6 +71,78 @@ def _bytearray_in_metadata(path):
     json.dump(files, open(commit, "w"))
 
 
+def _rewrite_index(change):
+    """Apply change(meta) to step_4's DCP .metadata and re-hash it into metadata.json, as a crafted checkpoint
+    would: only the engine's checks of the index's contents stand between it and the reader."""
+    def damage(path):
+        import pickle
+
+        from dcp_resume import storage
+        from dcp_resume.dcp_io import read_metadata
+
+        meta = read_metadata(os.path.dirname(path))
+        open(path, "wb").write(pickle.dumps(change(meta, path)))
+        commit = os.path.join(os.path.dirname(os.path.dirname(path)), "metadata.json")
+        files = json.load(open(commit))
+        files["files"]["state/.metadata"] = storage.file_info(path)
+        json.dump(files, open(commit, "w"))
+    return damage
+
+
+def _victim(index_path):
+    """A FIFO outside the save_dir standing for a file there: a reader that opens it blocks (the test's
+    deadline catches it), so 'nothing read outside' is checked, not assumed."""
+    save_dir = os.path.dirname(os.path.dirname(os.path.dirname(index_path)))
+    victim = f"{save_dir}.victim.distcp"
+    os.mkfifo(victim)
+    return victim, os.path.relpath(victim, os.path.dirname(index_path))
+
+
+def _shards_at(where):
+    def change(meta, path):
+        absolute, relative = _victim(path)
+        for info in meta.storage_data.values():
+            info.relative_path = absolute if where == "absolute" else relative
+        return meta
+    return change
+
+
+def _first_tensor(meta):
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    return next(md for md in meta.state_dict_metadata.values() if isinstance(md, TensorStorageMetadata))
+
+
+def _huge_shape(meta, path):
+    import torch
+
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = next(md for md in meta.state_dict_metadata.values()
+              if isinstance(md, TensorStorageMetadata) and len(md.size) == 2)
+    md.size = torch.Size([1 << 20] * 2)
+    md.chunks[0].sizes = md.size
+    return meta
+
+
+def _relative_path_int(meta, path):
+    next(iter(meta.storage_data.values())).relative_path = 5
+    return meta
+
+
+def _dtype_string(meta, path):
+    _first_tensor(meta).properties.dtype = "float32"
+    return meta
+
+
+def _listed_size(value):
+    def damage(path):
+        meta = json.load(open(path))
+        meta["files"][SHARD]["size"] = value
+        json.dump(meta, open(path, "w"))
+    return damage
+
+
 def _deep(path):
     open(path, "w").write("[" * 200_000 + "]" * 200_000)
 
@@ -89,6 +161,14 @@ DAMAGE = {
     "nested_200k": ("metadata.json", _deep),
     "shard_link_outside": (SHARD, _link_to_outside_copy),
     "dcp_metadata_bytearray_2g": ("state/.metadata", _bytearray_in_metadata),
+    "stats_dev_zero": ("training_stats.json", _link("/dev/zero")),
+    "listed_size_string": ("metadata.json", _listed_size("12")),
+    "shard_path_absolute": ("state/.metadata", _rewrite_index(_shards_at("absolute"))),
+    "shard_path_dotdot": ("state/.metadata", _rewrite_index(_shards_at("relative"))),
+    "shard_path_int": ("state/.metadata", _rewrite_index(_relative_path_int)),
+    "dtype_string": ("state/.metadata", _rewrite_index(_dtype_string)),
+    "tensor_2to40_elements": ("state/.metadata", _rewrite_index(_huge_shape)),
+    "index_not_metadata": ("state/.metadata", _rewrite_index(lambda meta, path: {"not": "Metadata"})),
 }
 
 
@@ -140,6 +220,9 @@ def test_damaged_newest_checkpoint_is_skipped_by_every_reader(probes, name):
     assert "ls rc 0\n" in stdout and "latest rc 0\n" in stdout
     assert "Traceback" not in stderr
     assert f"Skipping checkpoint {d}/step_4" in stdout + stderr  # the damage is named, not silent
+    # Named explicitly, step_4 is refused with one of the engine's errors, and verify calls it BAD.
+    assert "explicit refused" in stdout and "verify rc 1\n" in stdout, stdout
+    assert "inspect rc" in stdout and "export rc 1\n" in stdout and "exported False\n" in stdout, stdout
 
 
 def test_symlinked_checkpoint_dir_is_never_read_nor_written_through(base, tmp_path):
@@ -158,10 +241,11 @@ def test_symlinked_checkpoint_dir_is_never_read_nor_written_through(base, tmp_pa
     assert not os.path.islink(save_dir / "step_8") and (save_dir / "step_8" / "metadata.json").is_file()
 
 
-def test_a_garbage_step_does_not_stop_new_saves(base, tmp_path):
+@pytest.mark.parametrize("damage", [_metadata(step="six"), _metadata(step=1e30), _deep], ids=["six", "1e30", "deep"])
+def test_a_garbage_step_does_not_stop_new_saves(base, tmp_path, damage):
     save_dir = tmp_path / "run"
     shutil.copytree(base, save_dir)
-    _metadata(step="six")(str(save_dir / "step_4" / "metadata.json"))
+    damage(str(save_dir / "step_4" / "metadata.json"))
     with CheckpointManager(save_dir, verbose=False, enable_preemption_handling=False, keep_last_n=2) as mgr:
         assert mgr.find_latest_checkpoint() == f"{save_dir}/step_2"
         path = mgr.save_checkpoint({"model": Tiny()}, step=6)
@@ -173,3 +257,21 @@ def test_a_checkpoint_named_through_a_symlink_still_loads(base, tmp_path):
     mgr = CheckpointManager(base, verbose=False, enable_preemption_handling=False)
     mgr.load_checkpoint(str(tmp_path / "latest"), state={"model": Tiny()})
     assert mgr.loaded_metadata["step"] == 4
+
+
+def test_prune_leaves_a_symlinked_checkpoint_dir_and_its_target_alone(base, tmp_path, capsys):
+    from dcp_resume.cli import main
+
+    outside = tmp_path / "outside"
+    shutil.copytree(base / "step_2", outside)
+    save_dir = tmp_path / "run"
+    shutil.copytree(base, save_dir)
+    os.symlink(outside, save_dir / "step_1")
+    def listing():
+        return sorted((str(p), p.stat().st_size) for p in outside.rglob("*"))
+
+    before = listing()
+    assert main(["prune", str(save_dir), "--keep", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "step_1" not in out and "step_2" in out  # the real older checkpoint goes, the link is not one
+    assert os.path.islink(save_dir / "step_1") and listing() == before

@@ -123,7 +123,7 @@ def test_pid_now_used_by_a_newer_process_is_stale(tmp_path, caplog):
 def test_lock_without_readable_owner_is_refused_while_fresh_and_taken_over_when_old(tmp_path, caplog):
     (tmp_path / LOCK).write_text("")  # as left by a writer that died between creating and writing it
     with pytest.raises(SaveDirLockedError, match="was just created and holds no owner yet"):
-        CheckpointManager(tmp_path, verbose=False).save_checkpoint({"model": Tiny()}, step=1)
+        CheckpointManager(tmp_path, verbose=False, lock_wait_s=0).save_checkpoint({"model": Tiny()}, step=1)
     old = time.time() - 60
     os.utime(tmp_path / LOCK, (old, old))
     caplog.set_level("WARNING", logger="dcp_resume")

@@ -47,6 +47,9 @@ def _out_arg(out: str, force: bool) -> str:
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise UsageError(f"--out {out}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):  # checked before reading gigabytes (access() sees read-only mounts)
+        raise UsageError(f"--out {out}: directory {parent} is not writable (read-only filesystem or no "
+                         "permission); choose another --out")
     return out
 
 

@@ -85,7 +85,7 @@ def run(args) -> int:
     path = checkpoint_arg(args.path)
     info = layout.inspect_dir(path)
     files = info.meta.get("files") if isinstance(info.meta.get("files"), dict) else {}
-    listed_bytes = sum(f.get("size") or 0 for f in files.values() if isinstance(f, dict))
+    listed_bytes = layout.listed_bytes(files)
     config = _config(path)
     items = inspection.items(dcp_io.read_metadata(os.path.join(path, layout.STATE_DIR)))
     if args.json:

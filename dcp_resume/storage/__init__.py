@@ -95,8 +95,9 @@ def makedirs(path: str) -> None:
     backend(path).makedirs(path)
 
 
-def read_bytes(path: str) -> bytes:
-    return backend(path).read_bytes(path)
+def read_bytes(path: str, limit: int | None = None) -> bytes:
+    """A regular file's bytes (never a FIFO, device or symlink locally); OSError past `limit` bytes."""
+    return backend(path).read_bytes(path, limit=limit)
 
 
 JSON_LIMIT = 64 << 20  # metadata.json, config.json, training_stats.json: small files; a bigger one is damage

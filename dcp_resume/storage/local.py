@@ -83,7 +83,8 @@ class LocalBackend:
         with open(_open_regular(path), "rb") as f:
             data = f.read() if limit is None else f.read(limit + 1)
         if limit is not None and len(data) > limit:
-            raise OSError(f"{path} is larger than {limit} bytes; refusing to read it as a small JSON file")
+            raise OSError(f"{path} is larger than {limit} bytes, which no file of this kind is: damage, "
+                          "not read")
         return data
 
     def write_durably(self, path: str, data: bytes) -> None:

@@ -77,7 +77,8 @@ class FsspecBackend:
         """The object's bytes; with `limit`, an OSError instead of reading more than limit bytes."""
         data = self.fs.cat_file(path) if limit is None else self.fs.cat_file(path, start=0, end=limit + 1)
         if limit is not None and len(data) > limit:
-            raise OSError(f"{path} is larger than {limit} bytes; refusing to read it as a small JSON file")
+            raise OSError(f"{path} is larger than {limit} bytes, which no file of this kind is: damage, "
+                          "not read")
         return data
 
     def write_durably(self, path: str, data: bytes) -> None:

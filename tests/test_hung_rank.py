@@ -1,0 +1,64 @@
+"""A hung rank (SIGSTOP: alive, holding its sockets, never answering) ends the job in bounded time with the
+step named, whatever the other ranks were waiting in: DDP's gradient all-reduce on the default group (whose
+timeout is --collective_timeout_s too) or a save's collectives. The checkpoints already committed stay."""
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import ROOT
+from trainer_runs import BASE, children, env, kill_tree, launcher
+
+from dcp_resume import CheckpointManager
+
+TIMEOUT_S = 8
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int:
+    for pid in children(launcher_pid):
+        try:
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no worker with RANK={rank} under {launcher_pid}")
+
+
+def _stop_rank1_after(save_dir, after: str, *extra) -> tuple[int, str, float]:
+    """Run 2 ranks until stdout shows `after`, SIGSTOP rank 1; (exit status, output, seconds to exit)."""
+    cmd = launcher(2) + BASE + ["--save_dir", save_dir, "--collective_timeout_s", TIMEOUT_S, *extra]
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env(), cwd=ROOT, start_new_session=True)
+    seen, stopped_at = [], None
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if stopped_at is None and after in line:
+                os.kill(_rank_pid(proc.pid, 1), signal.SIGSTOP)
+                stopped_at = time.monotonic()
+        proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)  # SIGKILL ends a stopped process too
+            proc.wait()
+    assert stopped_at is not None, "".join(seen)[-4000:]
+    return proc.returncode, "".join(seen), time.monotonic() - stopped_at
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_rank_stopped_mid_training_ends_the_job_with_the_step_named(tmp_path, mode):
+    save_dir = str(tmp_path / "run")
+    extra = ["--no_async_save"] if mode == "sync" else []
+    code, out, took = _stop_rank1_after(save_dir, f"Saved checkpoint: {save_dir}/step_3", *extra)
+    assert code != 0, out[-3000:]
+    # rank 0 was waiting in DDP's gradient all-reduce (async: or the save's collectives) for the stopped rank
+    assert f"Another rank has died or hung (collectives wait at most collective_timeout_s={TIMEOUT_S}s)" in out
+    assert "[rank0]: Traceback" not in out, out[-4000:]  # one sentence, not a traceback
+    assert re.search(r"(step \d+|save of step \d+ to \S+) failed on rank 0", out), out[-4000:]
+    assert took < 120, f"took {took:.0f} s to end after the rank stopped"
+    mgr = CheckpointManager(save_dir, verbose=False, enable_preemption_handling=False)
+    assert mgr.find_latest_checkpoint() == f"{save_dir}/step_3"  # what was committed stays

@@ -1,0 +1,10 @@
+"""Hold SAVE_DIR's lock for SECONDS, as a running job or `dcp-resume prune` does; prints 'held' once it has it."""
+import sys
+import time
+
+from dcp_resume import savedir_lock
+
+lock = savedir_lock.acquire(sys.argv[1])
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+lock.release()
