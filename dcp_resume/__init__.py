@@ -17,12 +17,16 @@ from .ddp import InexactResumeWarning, exact_ddp, exact_gradient_sync  # noqa: E
 from .distributed import rank_failures_named  # noqa: E402
 from .experiment import ExperimentCheckpointer  # noqa: E402
 from .manager import CheckpointManager  # noqa: E402
+from .options import CheckpointOptions  # noqa: E402
 from .preemption import PREEMPTED_EXIT_CODE  # noqa: E402
 from .rng import RNGState  # noqa: E402
 from .sampler import ResumableSampler  # noqa: E402
 
-__all__ = ["CheckpointManager", "PREEMPTED_EXIT_CODE", "ExperimentCheckpointer", "CheckpointExistsError", "CheckpointMismatchError", "CheckpointNotFoundError",
-           "CheckpointSaveError", "CorruptCheckpointError", "IncompleteCheckpointError", "SaveDirLockedError",
-           "StorageError", "UnsafeCheckpointError", "exact_ddp", "exact_gradient_sync", "InexactResumeWarning",
-           "ResumableSampler", "RNGState", "RankFailureError", "rank_failures_named",
-           "__version__"]
+__all__ = [
+    "CheckpointManager", "CheckpointOptions", "ExperimentCheckpointer", "PREEMPTED_EXIT_CODE",
+    "CheckpointExistsError", "CheckpointMismatchError", "CheckpointNotFoundError", "CheckpointSaveError",
+    "CorruptCheckpointError", "IncompleteCheckpointError", "RankFailureError", "SaveDirLockedError", "StorageError",
+    "UnsafeCheckpointError", "InexactResumeWarning",
+    "exact_ddp", "exact_gradient_sync", "rank_failures_named", "ResumableSampler", "RNGState",
+    "__version__",
+]

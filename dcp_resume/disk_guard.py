@@ -11,13 +11,7 @@ import os
 from . import layout, storage
 from .distributed import causes
 
-POLICIES = ("skip", "fail")
 MARGIN = 1.1  # the next checkpoint may be a little larger (optimizer state appears, stats grow)
-
-
-def validate_policy(policy: str) -> None:
-    if policy not in POLICIES:
-        raise ValueError(f"low_disk_policy={policy!r} must be one of {', '.join(POLICIES)}")
 
 
 def shortfall(save_dir: str, last_bytes: int | None = None) -> tuple[int, int] | None:

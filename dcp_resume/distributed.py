@@ -92,6 +92,20 @@ class CommitGroup:
             self._group = dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=self.timeout_s))
         return self._group
 
+    def run_on_rank0(self, fn) -> Any:
+        """fn() on rank 0; every rank returns its result or raises its exception (as DCP's _DistWrapper
+        shares a coordinator's result), so no rank hangs or goes on alone when rank 0 fails."""
+        result = error = None
+        if rank() == 0:
+            try:
+                result = fn()
+            except Exception as e:  # shared below, re-raised on every rank
+                error = e
+        result, error = self.broadcast((result, error))
+        if error is not None:
+            raise error
+        return result
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's obj, on every rank."""
         if not is_distributed():

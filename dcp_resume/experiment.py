@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .manager import CheckpointManager, _as_dict
+from .manager import CheckpointManager
+from .options import as_dict
 
 
 class ExperimentCheckpointer:
@@ -11,7 +12,7 @@ class ExperimentCheckpointer:
     `keep_last_n` and `verbose`. All of it is recorded in each checkpoint's config.json."""
 
     def __init__(self, config: Any):
-        cfg = _as_dict(config)
+        cfg = as_dict(config)
         if not cfg.get("save_dir"):
             raise ValueError("ExperimentCheckpointer(config): config has no save_dir; set config.save_dir to the "
                              "directory that holds the checkpoints")
@@ -21,8 +22,9 @@ class ExperimentCheckpointer:
 
     def save_training_state(self, model, optimizer, scheduler, epoch: int, step: int,
                             metrics: dict | None = None, best_metric: Any = None, *, is_best: bool = False,
-                            kind: str = "step", extra_state: dict | None = None) -> str:
-        """Save model, optimizer, scheduler (either may be None) and the progress counters."""
+                            kind: str = "step", extra_state: dict | None = None) -> str | None:
+        """Save model, optimizer, scheduler (either may be None) and the progress counters. Returns the
+        checkpoint's path, or None when a periodic save was skipped for lack of disk space."""
         state = {"model": model, "optimizer": optimizer, "scheduler": scheduler,
                  "progress": {"epoch": int(epoch), "step": int(step), "best_metric": best_metric,
                               "metrics": dict(metrics or {})}, **(extra_state or {})}

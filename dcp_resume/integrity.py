@@ -1,20 +1,17 @@
 """Content-hash verification of committed checkpoints, cached per process.
 
 A checkpoint's bytes are trusted on load only after every file metadata.json lists has been read in full and
-matched its recorded xxh3_64 (sizes are already checked by layout.inspect_dir). A full read + hash before
-the load is the choice: it is the only order that cannot let a flipped bit into live objects (DCP restores
-in place and reads only the byte ranges a load needs, so hashing while DCP reads could neither cover whole
-files nor run before the first byte is used), and it costs one sequential read that leaves the files in the
-page cache, so DCP's own read right after it is cheap. Measured here (benchmarks/hash_cost.py): xxh3_64 of
-a file in the page cache runs at ~9 GB/s on one core; a 200 MB load spent 20-50 ms verifying.
+matched its recorded xxh3_64 (sizes are already checked by layout.inspect_dir). Hashing before the load, not
+while DCP reads, is the only order that keeps a flipped bit out of live objects: DCP restores in place and
+reads only the byte ranges a load needs. The read leaves the files in the page cache for DCP's own read
+(its cost: benchmarks/README.md, "hash_cost.py").
 
-Results are cached per process by the checkpoint's real path (or URL) plus the signature of metadata.json
-and of every listed file (size, mtime, inode; on an object store size, ETag and modification time), so a trainer that calls find_latest_checkpoint and then
-load_checkpoint hashes once, and a file rewritten in between is hashed again. (A bit that rots on disk
-between the two calls without any write is not seen by the second call; it was verified moments before.)
-Files listed without a hash (checkpoints written before hashes existed) are checked by size only.
-Then state/ is checked against DCP's own index, as `dcp-resume verify` does (verification.dcp_problem): a
-checkpoint verify calls BAD is never picked for a resume.
+Results are cached by the checkpoint's real path (or URL) plus the signature of metadata.json and of every
+listed file (size, mtime, inode; on an object store size, ETag and modification time): find_latest_checkpoint
+then load_checkpoint hashes once, and a file rewritten in between is hashed again. Files listed without a
+hash (written before hashes existed) are checked by size only. Then state/ is checked against DCP's own
+index, as `dcp-resume verify` does (verification.dcp_problem): a checkpoint verify calls BAD is never picked
+for a resume.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The on-disk contract of ../shared/DESIGN.md: directory names, metadata.json, completeness, discovery."""
+"""The on-disk format (docs/FORMAT.md): directory names, metadata.json, completeness, discovery."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -130,6 +130,16 @@ def _judge(path: str, present: dict[str, int] | None) -> tuple[bool, str, dict[s
     return True, "", meta
 
 
+def by_position(infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
+    """By step (ties: timestamp); an uncommitted directory by the step in its name (step_600), else first."""
+    def key(info: CheckpointInfo) -> tuple:
+        match = re.match(r"step_(\d+)$", info.name)
+        step = info.step if "step" in info.meta else int(match.group(1)) if match else -1
+        return (step, info.order[1], info.name)
+
+    return sorted(infos, key=key)
+
+
 def list_checkpoints(save_dir: str) -> list[CheckpointInfo]:
     """Every step_*/epoch* directory in save_dir, complete or not; complete ones sorted oldest first."""
     infos = [inspect_dir(os.path.join(save_dir, n)) for n in storage.listdir(save_dir, dirs_only=True)
@@ -167,8 +177,7 @@ def latest_verified(save_dir: str, infos: list[CheckpointInfo] | None = None) ->
 
 
 def build_metadata(*, step: int, epoch: int, kind: str, world_size: int, is_best: bool,
-                   metrics: dict | None, best_metric: Any, files: dict[str, dict],
-                   extra: dict | None = None) -> dict[str, Any]:
+                   metrics: dict | None, best_metric: Any, files: dict[str, dict]) -> dict[str, Any]:
     import torch
 
     from . import __version__
@@ -187,5 +196,4 @@ def build_metadata(*, step: int, epoch: int, kind: str, world_size: int, is_best
         "torch_version": torch.__version__,
         "dcp_resume_version": __version__,
     }
-    meta.update(extra or {})
     return meta

@@ -1,48 +1,27 @@
 """CheckpointManager: the seed guide's API on top of sharded DCP checkpoints with a rank-0 commit."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
-
-from torch.distributed.checkpoint import CheckpointException
+from typing import Any
 
 from . import accelerate_loaders
 from . import artifacts as artifacts_mod
-from . import dcp_io, disk_guard, integrity, layout, live_state, per_rank, run_start, savedir_lock, storage
-from .distributed import CommitGroup, first_line, peer_failure, rank, world_size
+from . import commit, dcp_io, integrity, layout, live_state, per_rank, run_start, savedir_lock, storage
+from .distributed import CommitGroup, rank, world_size
 from .errors import (
-    CheckpointExistsError,
     CheckpointNotFoundError,
     CheckpointSaveError,
     IncompleteCheckpointError,
 )
 from .logs import configure as configure_logging
 from .logs import logger
-from .preemption import DEFAULT_SIGNALS, PreemptionHandler, agree
-from .retention import plan_removals, validate_keep_last_n
+from .options import CheckpointOptions, as_dict
+from .preemption import PreemptionHandler, agree
+from .retention import plan_removals
 from .staging import StagingBuffers
-
-
-_WRITE, _SKIP, _RELABEL = "write", "skip", "relabel"  # what _prepare_target decided
-
-
-def _as_dict(config: Any) -> dict[str, Any]:
-    """A dict, dataclass or namespace, as a plain dict (what config.json holds)."""
-    import dataclasses
-
-    if config is None:
-        return {}
-    if isinstance(config, dict):
-        return dict(config)
-    if dataclasses.is_dataclass(config):
-        return dataclasses.asdict(config)
-    if hasattr(config, "__dict__"):
-        return dict(vars(config))
-    raise TypeError(f"config must be a dict, dataclass or namespace, got {type(config).__name__}")
 
 
 def _log_failure(future, step: int) -> None:
@@ -57,7 +36,7 @@ def _signal_name(signum: int | None) -> str:
 
 
 class CheckpointManager:
-    """Saves and restores training state under save_dir (see ../shared/DESIGN.md for the format).
+    """Saves and restores training state under save_dir (the format and the protocol: docs/FORMAT.md).
 
     Every call that saves or loads is collective: call it on every rank. With
     `enable_preemption_handling`, SIGTERM/SIGUSR1/SIGINT (or `preemption_signals`) only set a flag;
@@ -71,51 +50,48 @@ class CheckpointManager:
 
     def __init__(self, save_dir: str | os.PathLike, save_interval: int = 100, keep_last_n: int | None = 3,
                  enable_preemption_handling: bool = True, verbose: bool = True, *,
-                 config: Any = None, keep_best: bool = True, collective_timeout_s: float = 600.0,
-                 preemption_signals=DEFAULT_SIGNALS, async_save: bool = False,
-                 on_commit: Callable[[str], None] | None = None, low_disk_policy: str = "skip",
-                 storage_options: dict[str, Any] | None = None, lock_wait_s: float = 30.0):
+                 options: CheckpointOptions | None = None, **keywords: Any):
+        """The seed guide's keywords (and every other field of CheckpointOptions: config, keep_best,
+        collective_timeout_s, preemption_signals, async_save, on_commit, low_disk_policy, storage_options,
+        lock_wait_s), or `options` made elsewhere."""
         if save_dir is None or str(save_dir) == "":
             raise ValueError("save_dir is empty; pass the directory that holds (or will hold) checkpoints")
-        validate_keep_last_n(keep_last_n)
-        if save_interval is not None and (not isinstance(save_interval, int) or save_interval < 0):
-            raise ValueError(f"save_interval={save_interval!r} must be an integer >= 0 (0 disables periodic saves)")
+        if options is None:
+            options = CheckpointOptions(save_interval=save_interval, keep_last_n=keep_last_n,
+                                        enable_preemption_handling=enable_preemption_handling, verbose=verbose,
+                                        **keywords)
+        elif keywords:
+            raise TypeError(f"pass either options= or keywords, not both (got {', '.join(sorted(keywords))})")
+        self.options = o = options
         self.save_dir = os.fspath(save_dir)
         if storage.is_url(self.save_dir):  # s3://, gs://, memory://, file://: fsspec, same commit protocol
-            if storage_options is not None:
-                storage.configure(self.save_dir, storage_options)
+            if o.storage_options is not None:
+                storage.configure(self.save_dir, o.storage_options)
             storage.check_reachable(self.save_dir)
-        elif storage_options:
+        elif o.storage_options:
             raise ValueError(f"storage_options were given but save_dir={self.save_dir!r} is a local path; they "
                              "apply to URLs (s3://bucket/run, gs://...) only")
-        self.save_interval = save_interval
-        self.keep_last_n = keep_last_n
-        self.keep_best = keep_best
-        self.enable_preemption_handling = enable_preemption_handling
-        self.verbose = verbose
-        self.config = _as_dict(config)
+        self.save_interval, self.keep_last_n, self.keep_best = o.save_interval, o.keep_last_n, o.keep_best
+        self.config = o.config
+        self.low_disk_policy, self.async_save, self.on_commit = o.low_disk_policy, o.async_save, o.on_commit
+        self.lock_wait_s = o.lock_wait_s
         self.history: list[dict[str, Any]] = []  # training_stats.json when the caller passes none
         self.loaded_metadata: dict[str, Any] | None = None
-        self._group = CommitGroup(collective_timeout_s)
-        disk_guard.validate_policy(low_disk_policy)
-        self.low_disk_policy = low_disk_policy  # periodic saves when space is short: "skip" or "fail"
-        self.async_save = async_save
-        self.on_commit = on_commit  # called on rank 0 with the path of each committed checkpoint
         self.last_blocking_s: float | None = None  # how long the last save_checkpoint call blocked
-        self._background_group = CommitGroup(collective_timeout_s)  # async saves' own collectives
+        self._group = CommitGroup(o.collective_timeout_s)
+        self._background_group = CommitGroup(o.collective_timeout_s)  # async saves' own collectives
         self._staging = StagingBuffers()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dcp-resume-save") if async_save else None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dcp-resume-save") if o.async_save else None
         self._in_flight: tuple[int, str, Any] | None = None
         self._cleaned_at_start = False
         self._lock: savedir_lock.SaveDirLock | None = None  # one writer per save_dir: start_run or first save
-        self.lock_wait_s = lock_wait_s  # how long a live holder (e.g. `dcp-resume prune`) is waited for
         self._last_bytes: int | None = None  # size of this manager's last commit: the next one's space estimate
         self.preempted = False
         self._warned_loaders = False  # accelerate loaders without resumable order: warned once
-        self._preemption = PreemptionHandler(preemption_signals) if enable_preemption_handling else None
+        self._preemption = PreemptionHandler(o.preemption_signals) if o.enable_preemption_handling else None
         if self._preemption is not None:
             self._preemption.install()
-        configure_logging(verbose)
+        configure_logging(o.verbose)
 
     # -- the seed guide's API ---------------------------------------------------------------------
     def should_save(self, step: int, force: bool = False) -> bool:
@@ -142,7 +118,7 @@ class CheckpointManager:
         def claim() -> None:
             run_start.check_no_newer(self.save_dir, start)  # first: a refused run leaves no trace, not even a lock
             self._take_lock()
-        self._on_rank0_then_share(claim)
+        self._group.run_on_rank0(claim)
 
     def find_latest_checkpoint(self, checkpoint_dir: str | os.PathLike | None = None) -> str | None:
         """Path of the complete checkpoint with the highest step (ties: newest timestamp) whose files all
@@ -168,30 +144,30 @@ class CheckpointManager:
         self.wait()
         path = os.path.join(self.save_dir, layout.checkpoint_name(kind, step, epoch))
         with self._failures_named(f"save of step {step} to {path}"):
-            action = self._on_rank0_then_share(lambda: self._prepare_target(path, kind))
-            if action == _SKIP:
+            action = self._group.run_on_rank0(lambda: self._prepare_target(path, kind))
+            if action == commit.SKIP:
                 return None
             self._warn_unresumable_loaders(state)
             if training_stats is None:
                 self.history.append({"step": int(step), "epoch": int(epoch), "kind": kind, **(metrics or {})})
                 training_stats = {"history": self.history}
-            commit = copy.deepcopy(dict(step=step, epoch=epoch, kind=kind, is_best=is_best, metrics=metrics,
-                                        best_metric=best_metric, config=_as_dict(config) or self.config,
-                                        training_stats=training_stats))
+            commit_args = copy.deepcopy(dict(step=step, epoch=epoch, kind=kind, is_best=is_best, metrics=metrics,
+                                             best_metric=best_metric, config=as_dict(config) or self.config,
+                                             training_stats=training_stats))
             extras = artifacts_mod.gather_full_tensors(extra_artifacts)
-            if action == _RELABEL:
-                self._on_rank0_then_share(lambda: self._relabel_as_final(path, extras, commit))
+            if action == commit.RELABEL:
+                self._group.run_on_rank0(lambda: self._relabel_as_final(path, extras, commit_args))
                 self.last_blocking_s = time.perf_counter() - t0
                 return path
             payload = live_state.to_save(state, self._group, rank(), world_size())
         if not self.async_save:
-            self._write_and_commit(payload, extras, path, commit, self._group, t0)
+            self._write_and_commit(payload, extras, path, commit_args, self._group, t0)
             self.last_blocking_s = time.perf_counter() - t0
             return path
         staged = self._staging.stage(payload)
         group = self._background_group
         group.group  # noqa: B018  (created here, in the main thread, in the same order on every rank)
-        future = self._executor.submit(self._write_and_commit, staged, extras, path, commit, group, t0)
+        future = self._executor.submit(self._write_and_commit, staged, extras, path, commit_args, group, t0)
         future.add_done_callback(lambda f: _log_failure(f, step))  # said when it happens; raised by wait()
         self._in_flight = (step, path, future)
         self.last_blocking_s = time.perf_counter() - t0
@@ -278,31 +254,10 @@ class CheckpointManager:
         self.close()
 
     # -- internals --------------------------------------------------------------------------------
-    def _write_and_commit(self, payload: dict, extras: dict, path: str, commit: dict, group: CommitGroup,
+    def _write_and_commit(self, payload: dict, extras: dict, path: str, commit_args: dict, group: CommitGroup,
                           t0: float) -> None:
-        """Every rank writes its shards and reports them; rank 0 commits. Inline for sync saves, on the
-        background thread (with its own gloo group) for async ones."""
-        step = commit["step"]
-        state_dir = os.path.join(path, layout.STATE_DIR)
-        try:
-            with self._failures_named(f"save of step {step} to {path}"):
-                dcp_io.save(payload, state_dir, group.group)
-                mine = {f"{layout.STATE_DIR}/{n}": storage.file_info(os.path.join(state_dir, n))
-                        for n in dcp_io.shard_files_of_rank(state_dir, rank())}
-                reported = group.gather(mine)
-            with self._failures_named(f"commit of step {step} to {path}"):
-                size = self._on_rank0_then_share(lambda: self._commit(path, reported, extras=extras, **commit),
-                                                 group)
-        except BaseException as e:
-            # Every rank is past its writes once an error is shared; rank 0 drops the uncommitted directory
-            # (e.g. after ENOSPC) so it takes no space. The previous checkpoints are untouched.
-            if isinstance(e, OSError):  # a disk error (ENOSPC, EIO) while writing side files or the commit
-                cause = disk_guard.disk_full(e, self.save_dir) or str(e)
-                e = CheckpointSaveError(f"save of step {step} to {path} failed: {cause}. The previous checkpoint "
-                                        f"stays the latest ({e})")
-            if rank() == 0 and not storage.exists(os.path.join(path, layout.METADATA_FILE)):
-                storage.remove_tree(path)
-            raise e
+        """The protocol's write and commit (commit.py), then retention and the log line on rank 0."""
+        size = commit.write_and_commit(payload, extras, path, commit_args, group, self.save_dir)
         self._last_bytes = size
         if rank() == 0:
             self._apply_retention(protect=path)
@@ -310,122 +265,23 @@ class CheckpointManager:
             if self.on_commit is not None:
                 self.on_commit(path)
 
-    @contextlib.contextmanager
     def _failures_named(self, what: str):
-        """A collective or DCP failure (a rank died, hung past collective_timeout_s, or hit a write error)
-        becomes one CheckpointSaveError naming the step, on every surviving rank."""
-        try:
-            yield
-        except (RuntimeError, CheckpointException) as e:
-            if isinstance(e, CheckpointSaveError):
-                raise
-            detail = first_line(e)
-            full = disk_guard.disk_full(e, self.save_dir)  # before rank 0 removes the partial directory
-            if full is not None:
-                cause = f"{full} ({detail})"
-            else:
-                cause = (f"{detail}. Another rank {'has' if peer_failure(e) else 'may have'} died or hung "
-                         f"(collectives wait at most collective_timeout_s={self._group.timeout_s:g}s)")
-            raise CheckpointSaveError(f"{what} failed on rank {rank()}: {cause}; the previous checkpoint stays "
-                                      "the latest") from e
-
-    def _on_rank0_then_share(self, fn, group: CommitGroup | None = None) -> Any:
-        """Run fn on rank 0; every rank returns its result or raises its exception, so no rank hangs or
-        goes on alone."""
-        result = error = None
-        if rank() == 0:
-            try:
-                result = fn()
-            except Exception as e:  # shared below, re-raised on every rank
-                error = e
-        result, error = (group or self._group).broadcast((result, error))
-        if error is not None:
-            raise error
-        return result
+        return commit.failures_named(what, self.save_dir, self._group.timeout_s)
 
     def _prepare_target(self, path: str, kind: str) -> str:
-        """Rank 0, before a save: lock, refuse to overwrite, clean leftovers, check free space, make the
-        directory. Returns _WRITE, _SKIP (a periodic save skipped for lack of disk space) or _RELABEL (a
-        final save at the step of a committed checkpoint, which then becomes the final one)."""
+        """Rank 0, before a save: the lock, then commit.prepare (leftover incomplete directories are cleaned
+        once, before this manager's first write)."""
         self._take_lock()
-        if storage.is_link(path):  # never write a checkpoint through a link (it may point outside save_dir)
-            logger.warning("Removing the symlink %s (it is not a checkpoint; its target is left alone)", path)
-            storage.remove_file(path)
-        info = layout.inspect_dir(path)
-        damage = integrity.problem(info) if info.complete else None
-        if info.complete and damage is None:
-            if kind == "final":
-                return _RELABEL
-            raise CheckpointExistsError(
-                f"{path} already holds a committed checkpoint (step {info.step}, kind "
-                f"{info.meta.get('kind')}); refusing to overwrite it. Save this step once (a final save at "
-                "its step marks it final), or use a new save_dir")
-        if not self._cleaned_at_start:
-            self._apply_retention(complete_too=False)
-            self._cleaned_at_start = True
-        if damage is not None:
-            logger.warning("Replacing checkpoint %s, which fails verification: %s", path, damage)
-        elif info.reason != layout.NO_DIR:
-            logger.info("Removing incomplete checkpoint before rewriting it: %s (%s)", path, info.reason)
-        if info.reason != layout.NO_DIR:
-            storage.remove_tree(path)
-        short = disk_guard.shortfall(self.save_dir, self._last_bytes)
-        if short is not None:
-            why = disk_guard.describe(self.save_dir, *short)
-            if kind in ("preemption", "final"):
-                logger.warning("LOW DISK SPACE: %s. Attempting the %s checkpoint anyway", why, kind)
-            elif self.low_disk_policy == "skip":
-                logger.warning("LOW DISK SPACE: skipping the %s checkpoint %s: %s", kind, path, why)
-                return _SKIP
-            else:
-                raise CheckpointSaveError(f"not saving {path}: {why} (low_disk_policy='fail')")
-        storage.makedirs(os.path.join(path, layout.STATE_DIR))
-        return _WRITE
 
-    def _commit(self, path: str, reported: list[dict], *, step, epoch, kind, is_best, metrics,
-                best_metric, config, training_stats, extras) -> int:
-        """Rank 0, after every rank wrote its shards: side files, then metadata.json last. Returns the
-        bytes the checkpoint's listed files take."""
-        files: dict[str, dict] = {}
-        for rank_files in reported:
-            files.update(rank_files)
-        side = {layout.CONFIG_FILE: config, layout.STATS_FILE: training_stats}
-        for name, obj in side.items():
-            storage.write_json_durably(os.path.join(path, name), obj)
-        for name, data in artifacts_mod.encode(extras).items():
-            storage.write_bytes_durably(os.path.join(path, name), data)
-        on_disk = storage.list_files(path)
-        for rel in on_disk:
-            if rel not in files and not rel.startswith(layout.STATE_DIR + "/"):
-                files[rel] = storage.file_info(os.path.join(path, rel))
-        unlisted = [rel for rel in on_disk if rel not in files]
-        if unlisted or dcp_io.DCP_METADATA not in {r.rsplit("/", 1)[-1] for r in files}:
-            raise CheckpointSaveError(f"save of step {step} left files no rank reported ({unlisted}) or no "
-                                      f"DCP .metadata in {path}/state; not committing it")
-        storage.fsync_dir(os.path.join(path, layout.STATE_DIR))
-        meta = layout.build_metadata(step=step, epoch=epoch, kind=kind, world_size=world_size(),
-                                     is_best=is_best, metrics=metrics, best_metric=best_metric, files=files)
-        storage.commit_json_atomically(os.path.join(path, layout.METADATA_FILE), meta)
-        storage.fsync_dir(self.save_dir)
-        return sum(info["size"] for info in files.values())
+        def clean_leftovers() -> None:
+            if not self._cleaned_at_start:
+                self._apply_retention(complete_too=False)
+                self._cleaned_at_start = True
+        return commit.prepare(path, kind, save_dir=self.save_dir, last_bytes=self._last_bytes,
+                              low_disk_policy=self.low_disk_policy, before_first_write=clean_leftovers)
 
-    def _relabel_as_final(self, path: str, extras: dict, commit: dict) -> None:
-        """Rank 0: the checkpoint at this step already holds this step's state, so the final save records it
-        as final: new artifacts are added (existing files are never rewritten), then metadata.json is
-        replaced atomically with kind 'final' and the final save's metrics. A crash leaves the old commit."""
-        meta = dict(layout.inspect_dir(path).meta)
-        files = dict(meta["files"])
-        for name, data in artifacts_mod.encode(extras).items():
-            if name not in files:
-                storage.write_bytes_durably(os.path.join(path, name), data)
-                files[name] = storage.file_info(os.path.join(path, name))
-        meta.update(kind="final", is_best=bool(commit["is_best"]) or bool(meta.get("is_best")),
-                    metrics={**(meta["metrics"] if isinstance(meta.get("metrics"), dict) else {}),
-                             **(commit["metrics"] or {})},
-                    best_metric=commit["best_metric"], files=files, relabeled_at=layout.utc_now_iso())
-        storage.commit_json_atomically(os.path.join(path, layout.METADATA_FILE), meta)
-        storage.fsync_dir(self.save_dir)
-        logger.info("Marked checkpoint %s as final (it already holds step %s)", path, commit["step"])
+    def _relabel_as_final(self, path: str, extras: dict, commit_args: dict) -> None:
+        commit.relabel_as_final(path, extras, commit_args, self.save_dir)
         if self.on_commit is not None:
             self.on_commit(path)
 
@@ -472,7 +328,7 @@ class CheckpointManager:
             raise IncompleteCheckpointError(
                 f"{path} is not a complete checkpoint ({info.reason}); it was never committed or has lost "
                 "files. Resume from a complete one (`dcp-resume ls <save_dir>`)")
-        self._on_rank0_then_share(lambda: integrity.check(info))  # hashes; no fallback for an explicit path
+        self._group.run_on_rank0(lambda: integrity.check(info))  # hashes; no fallback for an explicit path
         return path
 
     def _warn_unresumable_loaders(self, state: dict[str, Any]) -> None:

@@ -33,14 +33,13 @@ class PreemptionHandler:
     def requested(self) -> bool:
         return self.received is not None
 
-    def install(self) -> bool:
+    def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             logger.warning("preemption handling not installed: CheckpointManager was built outside the main "
                            "thread, where Python cannot set signal handlers")
-            return False
+            return
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
-        return True
 
     def restore(self) -> None:
         for sig, prev in self._previous.items():

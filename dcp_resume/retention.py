@@ -4,12 +4,6 @@ from __future__ import annotations
 from .layout import CheckpointInfo
 
 
-def validate_keep_last_n(keep_last_n: int | None) -> None:
-    if keep_last_n is not None and (not isinstance(keep_last_n, int) or keep_last_n < 1):
-        raise ValueError(f"keep_last_n={keep_last_n!r} must be an integer >= 1 (or None to keep every "
-                         "checkpoint); a policy that keeps nothing would delete the checkpoint to resume from")
-
-
 def plan_removals(infos: list[CheckpointInfo], keep_last_n: int | None,
                   keep_best: bool = True, protect: str | None = None) -> list[CheckpointInfo]:
     """Directories to delete: complete ones beyond the newest keep_last_n (never the newest, never the

@@ -25,6 +25,8 @@ import time
 import weakref
 from typing import Any
 
+import psutil
+
 from . import storage
 from .errors import SaveDirLockedError
 from .layout import utc_now_iso
@@ -157,30 +159,18 @@ def _stale(holder: dict[str, Any] | None, path: str) -> str | None:
     if pid == os.getpid():
         return f"{who} is this process, which does not hold it (left by an earlier process with this pid)"
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        proc = psutil.Process(pid)
+        zombie, started = proc.status() == psutil.STATUS_ZOMBIE, proc.create_time()
+    except psutil.NoSuchProcess:
         return f"{who} is gone"
-    except PermissionError:
-        pass  # alive, another user's
-    state, started = _proc_state(pid)
-    if state == "Z":
+    except psutil.AccessDenied:
+        return None  # alive, another user's
+    if zombie:
         return f"{who} has exited (zombie)"
     since = _parse_time(holder.get("start_time"))
-    if started is not None and since is not None and started > since + 2.0:
+    if since is not None and started > since + 2.0:
         return f"{who} is gone: pid {pid} now belongs to a process started after the lock was taken"
     return None
-
-
-def _proc_state(pid: int) -> tuple[str | None, float | None]:
-    """(state letter, start time as a UNIX timestamp) from /proc on Linux; (None, None) elsewhere."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return fields[0], btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None, None
 
 
 def _parse_time(ts: Any) -> float | None:

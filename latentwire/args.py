@@ -3,10 +3,17 @@ from __future__ import annotations
 
 import argparse
 
-from dcp_resume.cli.main import json_object
-from dcp_resume.storage import is_url
+from dcp_resume.storage import is_url, options_from_json
 
 from .model import COMPRESSIONS
+
+
+def json_object(text: str) -> dict:
+    try:
+        return options_from_json(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
 
 EXAMPLES = """examples:
   python latentwire/train.py --epochs 10 --save_dir runs/exp1 --save_every 100

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 
+import psutil
 import torch
 
 from dcp_resume import CheckpointManager
@@ -30,33 +31,21 @@ def command(nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), TRAIN]
 
 
-def _parents() -> dict[int, int]:
-    """pid -> parent pid for every live process, from /proc."""
-    parent = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    return parent
-
-
 def children(pid: int) -> list[int]:
     """Direct children of pid (torchrun's workers are its children)."""
-    return sorted(p for p, pp in _parents().items() if pp == pid)
+    try:
+        return sorted(p.pid for p in psutil.Process(pid).children())
+    except psutil.NoSuchProcess:
+        return []
 
 
 def descendants(pid: int) -> list[int]:
     """Every live descendant of pid. torchrun starts each worker in a session of its own, so killing
     torchrun's process group alone would leave the workers running."""
-    parent = _parents()
-    found, frontier = [], {pid}
-    while frontier:
-        frontier = {p for p, pp in parent.items() if pp in frontier}
-        found += sorted(frontier)
-    return found
+    try:
+        return sorted(p.pid for p in psutil.Process(pid).children(recursive=True))
+    except psutil.NoSuchProcess:
+        return []
 
 
 def kill_tree(pid: int) -> None:

@@ -25,7 +25,7 @@ from dcp_resume.rng import RNGState  # noqa: E402
 from dcp_resume.sampler import ResumableSampler  # noqa: E402
 from latentwire.data import collate, load_examples  # noqa: E402
 from latentwire.model import COMPRESSIONS, LatentWire, ModelConfig, trainable_state  # noqa: E402
-from latentwire.train import TINY, seed_everything, warmup_cosine  # noqa: E402
+from latentwire.recipe import TINY, seed_everything, warmup_cosine  # noqa: E402
 
 EVAL_FRACTION = 0.2
 
@@ -133,7 +133,8 @@ class Experiment:
     def _save(self, epoch: int, step: int, kind: str) -> None:
         path = self.ckpt.save_training_state(self.model, self.opt, self.sched, epoch, step, kind=kind,
                                              extra_state=self._extra())
-        print(f"Saved checkpoint: {path}", flush=True)
+        if path is not None:  # None: a periodic save skipped for lack of disk space (logged by the engine)
+            print(f"Saved checkpoint: {path}", flush=True)
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -32,29 +32,10 @@ from dcp_resume.sampler import ResumableSampler  # noqa: E402
 from latentwire.args import parse_args  # noqa: E402
 from latentwire.data import collate, load_examples  # noqa: E402
 from latentwire.model import LatentWire, ModelConfig, trainable_state, unwrap  # noqa: E402
+from latentwire.recipe import TINY, seed_everything, warmup_cosine  # noqa: E402
 from latentwire.runtime import setup_logging, start, wrap  # noqa: E402
 
-TINY = dict(d_model=32, n_layers=1, num_latents=4, d_z=32, max_context_bytes=96, max_answer_tokens=8)
 EVAL_SAMPLES = 32
-
-
-def warmup_cosine(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def recorded_config(args) -> dict:

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import ROOT, run
 
+pytestmark = pytest.mark.slow  # integration: the benchmark scripts, run for real
+
 SAVE_LATENCY = os.path.join(ROOT, "benchmarks", "save_latency.py")
 METHODS = ["torch_save_rank0", "dcp_sync", "dcp_async_thread", "engine_sync", "engine_async"]
 KEYS = {"method", "world_size", "state_bytes", "size_mb", "blocking_s", "total_s", "load_s", "step_slowdown",

@@ -13,7 +13,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from dcp_resume import dcp_io
 from dcp_resume import export as export_mod
 from latentwire.model import LatentWire, ModelConfig
-from latentwire.train import TINY
+from latentwire.recipe import TINY
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from common import full_state, make_training
 
 from dcp_resume import CheckpointManager
 
+pytestmark = pytest.mark.slow  # integration: torchrun with gloo ranks
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

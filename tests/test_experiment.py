@@ -16,6 +16,8 @@ from trainer_runs import train_until_killed
 
 from dcp_resume import ExperimentCheckpointer
 
+pytestmark = pytest.mark.slow  # integration: real main_experiment.py runs, killed and resumed
+
 MAIN = [sys.executable, os.path.join(ROOT, "latentwire", "main_experiment.py")]
 FLAGS = ["--tiny", "--samples", "60", "--epochs", "2", "--batch-size", "4", "--save-interval", "3",
          "--compression-type", "linear"]

@@ -16,6 +16,8 @@ from trainer_runs import BASE, children, env, final_state, train, train_and_sign
 
 from latentwire.demo import COMPARED
 
+pytestmark = pytest.mark.slow  # integration: the launch wrappers and SLURM scripts around real trainer runs
+
 LAUNCH = os.path.join(ROOT, "launch")
 WRAPPER = os.path.join(LAUNCH, "run_with_resume.sh")
 SBATCH = os.path.join(LAUNCH, "slurm.sbatch")

@@ -61,7 +61,7 @@ def test_second_writer_in_another_process_is_refused_then_takes_over_the_stale_l
         held = lock_of(tmp_path)
         assert (held["host"], held["pid"]) == (HOST, holder.pid)
 
-        mgr = CheckpointManager(tmp_path, verbose=False)
+        mgr = CheckpointManager(tmp_path, verbose=False, lock_wait_s=0)
         assert mgr.find_latest_checkpoint() == str(tmp_path / "step_1")  # reading needs no lock
         mgr.load_checkpoint(state={"model": Tiny()})
         with pytest.raises(SaveDirLockedError, match=(
@@ -101,7 +101,7 @@ def test_lock_held_on_another_host_is_refused_with_how_to_clear_it(tmp_path):
             r"held by pid 4242 on host other-node since 2024-01-01T00:00:00\+00:00\. One writer per save_dir: stop "
             rf"that job or save to another save_dir; its host cannot be checked from here, so if that job is gone, "
             rf"remove {re.escape(str(tmp_path / LOCK))}$")):
-        CheckpointManager(tmp_path, verbose=False).save_checkpoint({"model": Tiny()}, step=1)
+        CheckpointManager(tmp_path, verbose=False, lock_wait_s=0).save_checkpoint({"model": Tiny()}, step=1)
     assert not (tmp_path / "step_1").exists()
 
 

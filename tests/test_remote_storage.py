@@ -25,6 +25,8 @@ from trainer_runs import BASE, final_state, launcher, train, train_until_killed 
 from dcp_resume import CheckpointManager, CorruptCheckpointError, SaveDirLockedError, StorageError  # noqa: E402
 from latentwire.demo import COMPARED  # noqa: E402
 
+pytestmark = pytest.mark.slow  # integration: a moto S3 server and real trainer runs against it
+
 
 @pytest.fixture(scope="module")
 def s3():
@@ -146,7 +148,7 @@ def test_second_writer_on_the_same_bucket_prefix_is_refused(s3):
     with CheckpointManager(url, verbose=False, enable_preemption_handling=False) as mgr:
         mgr.save_checkpoint(tiny_state(0), step=1)  # takes the lock with a conditional PUT
         code = (f"import torch; from dcp_resume import CheckpointManager\n"
-                f"CheckpointManager({url!r}, enable_preemption_handling=False)"
+                f"CheckpointManager({url!r}, enable_preemption_handling=False, lock_wait_s=0)"
                 ".save_checkpoint({'w': torch.zeros(2)}, step=2)")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert proc.returncode != 0

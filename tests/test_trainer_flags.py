@@ -17,6 +17,8 @@ from trainer_runs import BASE, final_state, launcher, train
 
 from dcp_resume import CheckpointManager
 
+pytestmark = pytest.mark.slow  # integration: the real trainer, run once per flag combination
+
 PY = launcher(1, "python")
 COMPARED = ("model", "optimizer", "scheduler", "sampler", "counters")
 STEPS = 2 * math.ceil(48 / 4)  # --epochs x ceil(--samples / --batch_size)

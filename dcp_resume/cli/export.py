@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from ..export import DTYPES, FORMATS, export
-from .main import EXIT_OK, UsageError, checkpoint_arg, subparser
+from .common import EXIT_OK, UsageError, checkpoint_arg, subparser
 from .table import human_bytes
 
 EPILOG = """examples:

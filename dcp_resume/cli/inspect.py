@@ -5,7 +5,7 @@ import json
 import os
 
 from .. import dcp_io, inspection, layout, storage
-from .main import EXIT_OK, checkpoint_arg, subparser
+from .common import EXIT_OK, checkpoint_arg, subparser
 from .table import human_bytes, render, utc_time
 
 EPILOG = """examples:

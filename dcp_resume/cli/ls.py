@@ -7,14 +7,11 @@ the newest complete one by sizes only.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import re
 import sys
 
 from .. import integrity, layout, storage
-from .main import EXIT_FAILED, EXIT_OK, save_dir_arg, subparser
+from .common import EXIT_FAILED, EXIT_OK, engine_quiet, save_dir_arg, subparser
 from .table import human_bytes, render, utc_time
 
 LS_EPILOG = """examples:
@@ -47,30 +44,8 @@ def register(sub) -> None:
     p.set_defaults(run=run_latest)
 
 
-@contextlib.contextmanager
-def engine_quiet():
-    """ls reports skipped checkpoints in its table, not as warnings."""
-    logger = logging.getLogger("dcp_resume")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def by_position(infos: list[layout.CheckpointInfo]) -> list[layout.CheckpointInfo]:
-    """By step (ties: timestamp); an uncommitted directory by the step in its name (step_600), else first."""
-    def key(info: layout.CheckpointInfo) -> tuple:
-        match = re.match(r"step_(\d+)$", info.name)
-        step = info.step if "step" in info.meta else int(match.group(1)) if match else -1
-        return (step, info.order[1], info.name)
-
-    return sorted(infos, key=key)
-
-
 def listing(save_dir: str, quick: bool) -> dict:
-    infos = by_position(layout.list_checkpoints(save_dir))
+    infos = layout.by_position(layout.list_checkpoints(save_dir))
     if quick:
         latest = layout.latest_complete(save_dir, infos)
     else:

@@ -5,8 +5,7 @@ import argparse
 
 from .. import integrity, layout, retention, savedir_lock, storage
 from ..errors import SaveDirLockedError
-from .ls import by_position, engine_quiet
-from .main import EXIT_OK, positive_int, save_dir_arg, subparser
+from .common import EXIT_OK, engine_quiet, positive_int, save_dir_arg, subparser
 
 EPILOG = """examples:
   dcp-resume prune runs/exp1 --keep 3 --dry-run     show what would go; change nothing
@@ -50,7 +49,7 @@ def _plan(save_dir: str, keep: int, keep_best: bool) -> tuple[list, list, dict[s
     if best is not None and all(i.path != best.path for i in doomed):
         notes[best.path] = ", ".join(filter(None, ["best", notes.get(best.path)]))
     gone = {i.path for i in doomed}
-    return by_position(doomed), by_position([i for i in infos if i.path not in gone]), notes
+    return layout.by_position(doomed), layout.by_position([i for i in infos if i.path not in gone]), notes
 
 
 def _lock(save_dir: str) -> savedir_lock.SaveDirLock:

@@ -4,8 +4,7 @@ from __future__ import annotations
 import sys
 
 from .. import layout, storage, verification
-from .ls import by_position
-from .main import EXIT_FAILED, EXIT_OK, any_dir_arg, is_checkpoint, subparser
+from .common import EXIT_FAILED, EXIT_OK, any_dir_arg, is_checkpoint, subparser
 from .table import human_bytes
 
 EPILOG = """examples:
@@ -51,7 +50,7 @@ def run(args) -> int:
         report = verification.verify_checkpoint(path, args.quick)
         _print(report, storage.basename(path), args.quick)
         return EXIT_OK if report.status == "ok" else EXIT_FAILED
-    infos = by_position(layout.list_checkpoints(path))
+    infos = layout.by_position(layout.list_checkpoints(path))
     if not infos:
         print(f"dcp-resume: no checkpoint directories (step_*/epoch*) in {path}", file=sys.stderr)
         return EXIT_FAILED

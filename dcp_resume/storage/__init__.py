@@ -100,6 +100,17 @@ def read_bytes(path: str, limit: int | None = None) -> bytes:
     return backend(path).read_bytes(path, limit=limit)
 
 
+def options_from_json(text: str) -> dict:
+    """fsspec storage options given as JSON on a command line (--storage_options); ValueError if not an object."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 JSON_LIMIT = 64 << 20  # metadata.json, config.json, training_stats.json: small files; a bigger one is damage
 
 

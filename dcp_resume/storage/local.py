@@ -6,7 +6,6 @@ import shutil
 import stat
 from typing import Any, BinaryIO
 
-_CHUNK = 4 << 20
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 

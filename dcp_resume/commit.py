@@ -1,0 +1,161 @@
+"""The commit protocol, top to bottom: how one checkpoint goes from live state to a committed directory.
+
+1. prepare (rank 0): refuse to overwrite a committed checkpoint (a final save at its step relabels it
+   instead), never write through a symlink, drop a damaged or incomplete directory at the target, check free
+   space, make `state/`.
+2. write (every rank): DCP writes this rank's shards into `state/`; each rank reports the sizes and content
+   hashes of the files it wrote to rank 0.
+3. commit (rank 0): side files (config.json, training_stats.json, artifacts), fsync `state/`, then
+   metadata.json by temp file + fsync + rename, then fsync save_dir. The checkpoint exists from that rename
+   on, never before: a crash at any earlier point leaves a directory without metadata.json, which no reader
+   loads and the next save removes.
+4. on failure: every rank raises one CheckpointSaveError naming the step and the cause (a full disk, a rank
+   that died or hung); rank 0 removes the uncommitted directory at once. Older checkpoints are never touched.
+
+Retention, locking and the executor for async saves are the manager's; this module only moves one checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable
+
+from torch.distributed.checkpoint import CheckpointException
+
+from . import artifacts as artifacts_mod
+from . import dcp_io, disk_guard, integrity, layout, storage
+from .distributed import CommitGroup, first_line, peer_failure, rank, world_size
+from .errors import CheckpointExistsError, CheckpointSaveError
+from .logs import logger
+
+WRITE, SKIP, RELABEL = "write", "skip", "relabel"  # what prepare() decided
+
+
+def prepare(path: str, kind: str, *, save_dir: str, last_bytes: int | None, low_disk_policy: str,
+            before_first_write: Callable[[], None]) -> str:
+    """Rank 0, lock held: WRITE (state/ made), SKIP (a periodic save skipped for lack of disk space) or
+    RELABEL (a final save at the step of a committed checkpoint, which then becomes the final one).
+    `before_first_write` runs once the target is known not to be a committed checkpoint."""
+    if storage.is_link(path):  # never write a checkpoint through a link (it may point outside save_dir)
+        logger.warning("Removing the symlink %s (it is not a checkpoint; its target is left alone)", path)
+        storage.remove_file(path)
+    info = layout.inspect_dir(path)
+    damage = integrity.problem(info) if info.complete else None
+    if info.complete and damage is None:
+        if kind == "final":
+            return RELABEL
+        raise CheckpointExistsError(
+            f"{path} already holds a committed checkpoint (step {info.step}, kind "
+            f"{info.meta.get('kind')}); refusing to overwrite it. Save this step once (a final save at "
+            "its step marks it final), or use a new save_dir")
+    before_first_write()
+    if damage is not None:
+        logger.warning("Replacing checkpoint %s, which fails verification: %s", path, damage)
+    elif info.reason != layout.NO_DIR:
+        logger.info("Removing incomplete checkpoint before rewriting it: %s (%s)", path, info.reason)
+    if info.reason != layout.NO_DIR:
+        storage.remove_tree(path)
+    short = disk_guard.shortfall(save_dir, last_bytes)
+    if short is not None:
+        why = disk_guard.describe(save_dir, *short)
+        if kind in ("preemption", "final"):
+            logger.warning("LOW DISK SPACE: %s. Attempting the %s checkpoint anyway", why, kind)
+        elif low_disk_policy == "skip":
+            logger.warning("LOW DISK SPACE: skipping the %s checkpoint %s: %s", kind, path, why)
+            return SKIP
+        else:
+            raise CheckpointSaveError(f"not saving {path}: {why} (low_disk_policy='fail')")
+    storage.makedirs(os.path.join(path, layout.STATE_DIR))
+    return WRITE
+
+
+def write_and_commit(payload: dict, extras: dict, path: str, commit: dict, group: CommitGroup,
+                     save_dir: str) -> int:
+    """Steps 2-4 on every rank (inline for sync saves, on the background thread for async ones). Returns the
+    bytes the committed checkpoint's files take; raises CheckpointSaveError with nothing committed."""
+    step = commit["step"]
+    state_dir = os.path.join(path, layout.STATE_DIR)
+    try:
+        with failures_named(f"save of step {step} to {path}", save_dir, group.timeout_s):
+            dcp_io.save(payload, state_dir, group.group)
+            mine = {f"{layout.STATE_DIR}/{n}": storage.file_info(os.path.join(state_dir, n))
+                    for n in dcp_io.shard_files_of_rank(state_dir, rank())}
+            reported = group.gather(mine)
+        with failures_named(f"commit of step {step} to {path}", save_dir, group.timeout_s):
+            return group.run_on_rank0(lambda: _commit(path, reported, save_dir=save_dir, extras=extras, **commit))
+    except BaseException as e:
+        # Every rank is past its writes once an error is shared; rank 0 drops the uncommitted directory
+        # (e.g. after ENOSPC) so it takes no space.
+        if isinstance(e, OSError):  # a disk error (ENOSPC, EIO) while writing side files or the commit
+            cause = disk_guard.disk_full(e, save_dir) or str(e)
+            e = CheckpointSaveError(f"save of step {step} to {path} failed: {cause}. The previous checkpoint "
+                                    f"stays the latest ({e})")
+        if rank() == 0 and not storage.exists(os.path.join(path, layout.METADATA_FILE)):
+            storage.remove_tree(path)
+        raise e
+
+
+def _commit(path: str, reported: list[dict], *, save_dir: str, step, epoch, kind, is_best, metrics,
+            best_metric, config, training_stats, extras) -> int:
+    """Rank 0, after every rank wrote its shards: side files, then metadata.json last."""
+    files: dict[str, dict] = {}
+    for rank_files in reported:
+        files.update(rank_files)
+    side = {layout.CONFIG_FILE: config, layout.STATS_FILE: training_stats}
+    for name, obj in side.items():
+        storage.write_json_durably(os.path.join(path, name), obj)
+    for name, data in artifacts_mod.encode(extras).items():
+        storage.write_bytes_durably(os.path.join(path, name), data)
+    on_disk = storage.list_files(path)
+    for rel in on_disk:
+        if rel not in files and not rel.startswith(layout.STATE_DIR + "/"):
+            files[rel] = storage.file_info(os.path.join(path, rel))
+    unlisted = [rel for rel in on_disk if rel not in files]
+    if unlisted or dcp_io.DCP_METADATA not in {r.rsplit("/", 1)[-1] for r in files}:
+        raise CheckpointSaveError(f"save of step {step} left files no rank reported ({unlisted}) or no "
+                                  f"DCP .metadata in {path}/state; not committing it")
+    storage.fsync_dir(os.path.join(path, layout.STATE_DIR))
+    meta = layout.build_metadata(step=step, epoch=epoch, kind=kind, world_size=world_size(),
+                                 is_best=is_best, metrics=metrics, best_metric=best_metric, files=files)
+    storage.commit_json_atomically(os.path.join(path, layout.METADATA_FILE), meta)
+    storage.fsync_dir(save_dir)
+    return sum(info["size"] for info in files.values())
+
+
+def relabel_as_final(path: str, extras: dict, commit: dict, save_dir: str) -> None:
+    """Rank 0: the checkpoint at this step already holds this step's state, so the final save records it
+    as final: new artifacts are added (existing files are never rewritten), then metadata.json is
+    replaced atomically with kind 'final' and the final save's metrics. A crash leaves the old commit."""
+    meta = dict(layout.inspect_dir(path).meta)
+    files = dict(meta["files"])
+    for name, data in artifacts_mod.encode(extras).items():
+        if name not in files:
+            storage.write_bytes_durably(os.path.join(path, name), data)
+            files[name] = storage.file_info(os.path.join(path, name))
+    meta.update(kind="final", is_best=bool(commit["is_best"]) or bool(meta.get("is_best")),
+                metrics={**(meta["metrics"] if isinstance(meta.get("metrics"), dict) else {}),
+                         **(commit["metrics"] or {})},
+                best_metric=commit["best_metric"], files=files, relabeled_at=layout.utc_now_iso())
+    storage.commit_json_atomically(os.path.join(path, layout.METADATA_FILE), meta)
+    storage.fsync_dir(save_dir)
+    logger.info("Marked checkpoint %s as final (it already holds step %s)", path, commit["step"])
+
+
+@contextlib.contextmanager
+def failures_named(what: str, save_dir: str, timeout_s: float):
+    """A collective or DCP failure (a rank died, hung past collective_timeout_s, or hit a write error)
+    becomes one CheckpointSaveError naming the step and the cause, on every surviving rank."""
+    try:
+        yield
+    except (RuntimeError, CheckpointException) as e:
+        if isinstance(e, CheckpointSaveError):
+            raise
+        detail = first_line(e)
+        full = disk_guard.disk_full(e, save_dir)  # before rank 0 removes the partial directory
+        if full is not None:
+            cause = f"{full} ({detail})"
+        else:
+            cause = (f"{detail}. Another rank {'has' if peer_failure(e) else 'may have'} died or hung "
+                     f"(collectives wait at most collective_timeout_s={timeout_s:g}s)")
+        raise CheckpointSaveError(f"{what} failed on rank {rank()}: {cause}; the previous checkpoint stays "
+                                  "the latest") from e
