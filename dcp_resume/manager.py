@@ -77,6 +77,7 @@ class CheckpointManager:
         self.lock_wait_s = o.lock_wait_s
         self.history: list[dict[str, Any]] = []  # training_stats.json when the caller passes none
         self.loaded_metadata: dict[str, Any] | None = None
+        self.loaded_training_stats: Any = None  # training_stats.json of the loaded checkpoint (None: unreadable)
         self.last_blocking_s: float | None = None  # how long the last save_checkpoint call blocked
         self._group = CommitGroup(o.collective_timeout_s)
         self._background_group = CommitGroup(o.collective_timeout_s)  # async saves' own collectives
@@ -357,10 +358,11 @@ class CheckpointManager:
                            "this process's seeding)", change, ", ".join(rank_plan.fresh))
 
     def _restore_history(self, path: str) -> None:
-        stats_path = os.path.join(path, layout.STATS_FILE)
+        """training_stats.json of the loaded checkpoint, as `loaded_training_stats` (None when unreadable)."""
         try:
-            stats = storage.read_json(stats_path)
+            stats = storage.read_json(os.path.join(path, layout.STATS_FILE))
         except (OSError, ValueError):
-            return
+            stats = None
+        self.loaded_training_stats = stats
         if isinstance(stats, dict) and isinstance(stats.get("history"), list):
             self.history = list(stats["history"])

@@ -21,14 +21,13 @@ from dcp_resume import (  # noqa: E402
     CheckpointManager,
     CheckpointSaveError,
     RankFailureError,
+    ResumableSampler,
+    RNGState,
     StorageError,
+    exit_preempted,
     rank_failures_named,
     storage,
 )
-from dcp_resume.layout import STATS_FILE  # noqa: E402
-from dcp_resume.preemption import exit_preempted  # noqa: E402
-from dcp_resume.rng import RNGState  # noqa: E402
-from dcp_resume.sampler import ResumableSampler  # noqa: E402
 from latentwire.args import parse_args  # noqa: E402
 from latentwire.data import collate, load_examples  # noqa: E402
 from latentwire.model import LatentWire, ModelConfig, trainable_state, unwrap  # noqa: E402
@@ -129,7 +128,7 @@ class Trainer:
         if not self.rng.restored or saved["world_size"] != self.rt.world_size:
             seed_everything(a.seed * 1000 + self.rt.rank + 7919 * saved["global_step"])
             self.log.warning("World size changed: RNG streams are reseeded (data order stays exact)")
-        self._load_stats(path)
+        self._load_stats(path, self.manager.loaded_training_stats)
         self.log.info(f"Resuming from checkpoint: {path} (step {saved['global_step']}, epoch {saved['epoch']})")
         if (saved["batch_size"], saved["world_size"]) != (a.batch_size, self.rt.world_size):
             self.log.info(f"Batch size {saved['batch_size']}x{saved['world_size']} ranks -> {a.batch_size}x"
@@ -137,12 +136,11 @@ class Trainer:
                           f"{self.sampler.state_dict()['consumed']} of {len(self.examples)}; no sample is "
                           "repeated or skipped")
 
-    def _load_stats(self, path: str) -> None:
+    def _load_stats(self, path: str, stats) -> None:
         try:
-            stats = storage.read_json(os.path.join(path, STATS_FILE))
             self.stats = {"steps": list(stats["steps"]), "evals": list(stats["evals"])}
-        except (OSError, ValueError, KeyError, TypeError):
-            self.log.warning(f"{path}/{STATS_FILE} unreadable; the metrics history restarts here")
+        except (KeyError, TypeError):
+            self.log.warning(f"{path}/training_stats.json unreadable; the metrics history restarts here")
 
     # -- training -------------------------------------------------------------------------------
     def train(self) -> int:

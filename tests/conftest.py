@@ -52,6 +52,11 @@ def assert_same(a, b, path="state"):
 
 @pytest.fixture
 def checker():
+    """The contract's own checker, ../shared/tools/check_save_dir.py; tests that use it skip without it."""
+    if not os.path.isfile(CHECKER):
+        pytest.skip(f"{CHECKER} is absent: these tests check save_dirs with the shared contract checker, which "
+                    "lives beside this repository (../shared)")
+
     def check(save_dir, deep=True):
         return run([sys.executable, CHECKER, str(save_dir)] + (["--deep"] if deep else []), check=False)
     return check
