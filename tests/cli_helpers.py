@@ -10,7 +10,8 @@ import sys
 import threading
 
 from conftest import ROOT
-from trainer_runs import BASE, env, launcher
+from helpers import env, flip_byte
+from trainer_runs import BASE, launcher
 
 CLI = [sys.executable, "-m", "dcp_resume.cli"]
 SHARD = "state/__0_0.distcp"
@@ -71,15 +72,6 @@ def trained_runs(base_dir) -> dict[str, str]:
 def copy_run(src: str, dst) -> str:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("logs"))
     return str(dst)
-
-
-def flip_byte(path: str) -> None:
-    """Damage a file's content, keeping its size (only the content hash can tell)."""
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x10]))
 
 
 def damage(save_dir: str) -> str:

@@ -13,7 +13,9 @@ sys.path.insert(0, WORKERS)
 
 def run(cmd, timeout=240, check=True, env=None, **kw):
     """Run a real process; on failure show its output in the assertion."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    from helpers import env as child_env
+
+    full_env = child_env(**(env or {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"

@@ -25,10 +25,11 @@ sys.path.insert(0, ROOT)
 
 from dcp_resume import CheckpointManager  # noqa: E402
 from dcp_resume.layout import list_checkpoints  # noqa: E402
+from helpers import env  # noqa: E402
 from latentwire.demo import COMPARED, command, differences, final_state, kill_tree  # noqa: E402
 
 FLAGS = ["--tiny", "--samples", "48", "--batch_size", "4", "--epochs", "2", "--save_every", "1"]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+ENV = env()
 
 
 def run(save_dir: str, resume: bool, kill_after_s: float | None = None) -> int | None:

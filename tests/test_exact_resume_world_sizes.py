@@ -7,7 +7,8 @@ import time
 
 import pytest
 from conftest import ROOT, _free_port, assert_same
-from trainer_runs import TRAIN, env, final_state, kill_tree, launcher, train, train_until_killed  # noqa: F401
+from helpers import env  # noqa: F401
+from trainer_runs import TRAIN, final_state, kill_tree, launcher, train, train_until_killed  # noqa: F401
 
 from latentwire.demo import COMPARED
 

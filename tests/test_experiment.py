@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from common import full_state, make_training, train_steps
 from conftest import ROOT, assert_same, run
+from helpers import content_snapshot
 from trainer_runs import train_until_killed
 
 from dcp_resume import ExperimentCheckpointer
@@ -108,12 +109,6 @@ def results(save_dir):
     return json.loads((save_dir / "results.json").read_text())
 
 
-def snapshot(d):
-    """Every file under d with its bytes: what 'left untouched' compares."""
-    return {os.path.relpath(os.path.join(r, f), d): open(os.path.join(r, f), "rb").read()
-            for r, _, files in os.walk(d) for f in files}
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("exp") / "uninterrupted"
@@ -169,11 +164,11 @@ def test_kill9_after_the_checkpoint_at_an_epoch_end_then_resume_writes_the_same_
 
 def test_resume_after_everything_finished_does_nothing(interrupted):
     save_dir, _ = interrupted
-    before = snapshot(save_dir)
+    before = content_snapshot(save_dir)
     proc = experiment(*FLAGS, "--save-dir", save_dir, "--resume")
     assert proc.returncode == 0
     assert proc.stdout.strip() == f"All phases done: {save_dir}/results.json"
-    assert snapshot(save_dir) == before
+    assert content_snapshot(save_dir) == before
 
 
 def test_other_variants_run_and_no_checkpoints_saves_none(tmp_path):

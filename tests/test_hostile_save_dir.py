@@ -10,7 +10,7 @@ import sys
 import pytest
 from common import Tiny
 from conftest import ROOT, WORKERS
-from trainer_runs import env
+from helpers import env
 
 from dcp_resume import CheckpointManager
 

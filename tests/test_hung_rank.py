@@ -9,7 +9,8 @@ import time
 
 import pytest
 from conftest import ROOT
-from trainer_runs import BASE, children, env, kill_tree, launcher
+from helpers import env
+from trainer_runs import BASE, children, kill_tree, launcher
 
 from dcp_resume import CheckpointManager
 

@@ -9,6 +9,7 @@ import pytest
 import xxhash
 from common import Tiny
 from conftest import run
+from helpers import flip_byte
 
 from dcp_resume import CheckpointManager, IncompleteCheckpointError, storage
 from dcp_resume.errors import CorruptCheckpointError
@@ -27,17 +28,11 @@ def run_dir(tmp_path):
     return d
 
 
-def flip_bit(path):
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    path.write_bytes(bytes(data))
-
-
 DAMAGE = {  # how step_2 is damaged -> (what the warning says after "Skipping checkpoint <path>: ", error type)
-    "bit flip in a shard": (lambda c: flip_bit(c / SHARD),
+    "bit flip in a shard": (lambda c: flip_byte(c / SHARD),
                             rf"{SHARD} content hash mismatch \(xxh3_64 of the file is {HEX}, metadata.json "
                             rf"records {HEX}\)", CorruptCheckpointError),
-    "bit flip in DCP .metadata": (lambda c: flip_bit(c / "state/.metadata"),
+    "bit flip in DCP .metadata": (lambda c: flip_byte(c / "state/.metadata"),
                                   r"state/.metadata content hash mismatch \(xxh3_64 ", CorruptCheckpointError),
     "truncated shard": (lambda c: (c / SHARD).write_bytes((c / SHARD).read_bytes()[:-100]),
                         rf"size mismatch: {SHARD} is \d+ bytes, metadata.json says \d+", IncompleteCheckpointError),
@@ -88,7 +83,7 @@ def test_verification_is_cached_until_a_file_changes(run_dir, monkeypatch):
     mgr.load_checkpoint(path)
     mgr.load_checkpoint()
     assert len(hashed) == 4  # find_latest then load (explicit or auto): verified once
-    flip_bit(run_dir / "step_2" / SHARD)  # rewritten after the check: the cache does not hide it
+    flip_byte(run_dir / "step_2" / SHARD)  # rewritten after the check: the cache does not hide it
     with pytest.raises(CorruptCheckpointError, match=f"{SHARD} content hash mismatch"):
         mgr.load_checkpoint(path)
 
@@ -109,7 +104,7 @@ def test_checkpoint_without_hashes_verifies_by_size_with_a_debug_note(run_dir, c
 def test_saving_over_a_corrupt_checkpoint_replaces_it(run_dir, caplog):
     """Resumed from step_1 after step_2 failed its hashes, the run saves step_2 again: the corrupt one is
     replaced (with a warning) instead of blocking the save as an existing committed checkpoint."""
-    flip_bit(run_dir / "step_2" / SHARD)
+    flip_byte(run_dir / "step_2" / SHARD)
     caplog.set_level("WARNING", logger="dcp_resume")
     with CheckpointManager(run_dir, keep_last_n=None, verbose=False) as mgr:
         assert mgr.load_checkpoint()["tag"] == "step 1"
@@ -120,7 +115,7 @@ def test_saving_over_a_corrupt_checkpoint_replaces_it(run_dir, caplog):
 
 
 def test_cli_latest_skips_a_corrupt_checkpoint(run_dir):
-    flip_bit(run_dir / "step_2" / SHARD)
+    flip_byte(run_dir / "step_2" / SHARD)
     out = run([sys.executable, "-m", "dcp_resume.cli", "latest", str(run_dir)])
     assert out.stdout.strip() == str(run_dir / "step_1")
     assert f"Skipping checkpoint {run_dir / 'step_2'}: {SHARD} content hash mismatch" in out.stderr

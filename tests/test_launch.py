@@ -12,7 +12,8 @@ import time
 import pytest
 import yaml
 from conftest import ROOT, _free_port, assert_same
-from trainer_runs import BASE, children, env, final_state, train, train_and_signal
+from helpers import env
+from trainer_runs import BASE, children, final_state, train, train_and_signal
 
 from latentwire.demo import COMPARED
 

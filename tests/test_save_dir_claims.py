@@ -10,7 +10,8 @@ from cli_helpers import snapshot
 from common import Tiny
 from conftest import ROOT, WORKERS
 from filesystems import mounted
-from trainer_runs import BASE, env, launcher
+from helpers import env
+from trainer_runs import BASE, launcher
 
 from dcp_resume import CheckpointManager
 from dcp_resume.cli import main as cli

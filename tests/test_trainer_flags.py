@@ -3,7 +3,6 @@
 One base run (BASE: 48 samples, batch 4, 2 epochs, a checkpoint every 3 steps) is shared; the runs
 that resume from it, and the independent ones, go two at a time (one per core) so the file stays short.
 """
-import hashlib
 import json
 import math
 import os
@@ -13,14 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import assert_same, run
+from helpers import content_snapshot
 from trainer_runs import BASE, final_state, launcher, train
 
 from dcp_resume import CheckpointManager
+from latentwire.demo import COMPARED
 
 pytestmark = pytest.mark.slow  # integration: the real trainer, run once per flag combination
 
 PY = launcher(1, "python")
-COMPARED = ("model", "optimizer", "scheduler", "sampler", "counters")
 STEPS = 2 * math.ceil(48 / 4)  # --epochs x ceil(--samples / --batch_size)
 TRAINABLE = ("encoder.", "pooler.", "adapter_llama.", "adapter_qwen.")
 SQUAD_QUESTIONS = 7
@@ -43,18 +43,6 @@ def squad_file(path):
     articles[1]["paragraphs"][0]["qas"].append({"id": "x", "question": "Who?", "answers": []})
     path.write_text(json.dumps({"version": "1.1", "data": articles}))
     return path
-
-
-def snapshot(d, skip_logs=False):
-    """Every file under d with a hash of its bytes: what 'left untouched' compares."""
-    out = {}
-    for root, _, files in os.walk(d):
-        for f in files:
-            rel = os.path.relpath(os.path.join(root, f), d)
-            if not (skip_logs and rel.startswith("logs" + os.sep)):
-                with open(os.path.join(root, f), "rb") as fh:
-                    out[rel] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 def fails(*args):
@@ -103,15 +91,15 @@ def runs(tmp_path_factory):
         out = {}
         for name, path, extra in [("missing", target / "step_99", []), ("incomplete", incomplete, []),
                                   ("reset_same_dir", target / "step_21", ["--reset_epoch"])]:
-            before = snapshot(target)
+            before = content_snapshot(target)
             proc = fails(*BASE, "--resume_from", path, "--save_dir", target, *extra)
-            out[name] = (path, proc, before, snapshot(target))
+            out[name] = (path, proc, before, content_snapshot(target))
         return out
 
     def already_complete():
         d = copy_of_base("complete")
-        before = snapshot(d, skip_logs=True)
-        return train(PY, *BASE, "--save_dir", d, "--auto_resume"), before, snapshot(d, skip_logs=True)
+        before = content_snapshot(d, skip_logs=True)
+        return train(PY, *BASE, "--save_dir", d, "--auto_resume"), before, content_snapshot(d, skip_logs=True)
 
     # Independent runs first (FIFO: 'base' starts before anything that waits for it).
     r.start("base", lambda: train(PY, *BASE, "--save_dir", base, extra_env={"LATENTWIRE_TRACE": f"{t}/base.trace"}))

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 from conftest import ROOT, _free_port
+from helpers import env
 
 from latentwire.demo import TRAIN, children, final_state, kill_tree, run_until_killed  # noqa: F401
 
@@ -19,10 +20,6 @@ def launcher(nproc: int, kind: str = "torchrun") -> list[str]:
                 "--main_process_port", str(_free_port()), TRAIN]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
             "--master_port", str(_free_port()), TRAIN]
-
-
-def env(**extra):
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
 def train(cmd: list[str], *args, timeout=300, extra_env=None) -> subprocess.CompletedProcess:

@@ -1,0 +1,31 @@
+"""Helpers several test modules share: the environment for real processes, snapshots of a directory's
+contents, and damage that keeps a file's size."""
+import hashlib
+import os
+
+
+def env(**extra) -> dict:
+    """The environment for a real child process: unbuffered output, one OpenMP thread per process."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def content_snapshot(root, skip_logs: bool = False) -> dict:
+    """Every file under root with a hash of its bytes: what 'left untouched' compares (logs/ left out with
+    skip_logs, for runs that append to train.log)."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if not (skip_logs and rel.startswith("logs" + os.sep)):
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    out[rel] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def flip_byte(path) -> None:
+    """Damage a file's content, keeping its size (only the content hash can tell)."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
