@@ -14,6 +14,7 @@ import collections
 import contextlib
 import io
 import os
+import pathlib
 import pickle
 import warnings
 from typing import Any
@@ -132,8 +133,6 @@ class _MetadataUnpickler(pickle.Unpickler):
         if module == "torch" and isinstance(getattr(torch, name, None), _TORCH_VALUE_TYPES):
             return getattr(torch, name)
         if module in ("pathlib", "pathlib._local") and name in _PATH_CLASSES:
-            import pathlib
-
             return getattr(pathlib, name)
         raise UnsafeCheckpointError(f"{self.where} holds a pickled object of type {module}.{name} {_REFUSAL}")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import dcp_io, storage, verification
 from .errors import CorruptCheckpointError
-from .layout import METADATA_FILE, STATE_DIR, CheckpointInfo
+from .layout import METADATA_FILE, NO_COMMIT, STATE_DIR, CheckpointInfo, list_checkpoints
 from .logs import logger
 
 _verified: dict[tuple, tuple[str, str] | None] = {}  # (realpath, stat signature) -> None or (kind, problem)
@@ -100,3 +100,22 @@ def check(info: CheckpointInfo) -> None:
         f"{info.path} fails verification: {text}. Its files changed after the checkpoint was committed "
         "(disk corruption, a partial copy or an edit), so it is not loaded; resume from another checkpoint "
         "(`dcp-resume ls <save_dir>` lists them)")
+
+
+def latest_verified(save_dir: str, infos: list[CheckpointInfo] | None = None) -> CheckpointInfo | None:
+    """What resume uses: the newest complete checkpoint whose files all match their content hashes.
+
+    Every damaged checkpoint passed over gets a warning naming it and the file: a complete one that fails
+    its hashes, and one whose metadata.json is there but does not parse or lists missing or resized files.
+    (A directory without metadata.json is an interrupted save, not damage: skipped quietly.) `infos`: save_dir's
+    list_checkpoints() when the caller already has it."""
+    infos = list_checkpoints(save_dir) if infos is None else infos
+    for info in infos:
+        if not info.complete and info.reason != NO_COMMIT:
+            logger.warning("Skipping checkpoint %s: %s", info.path, info.reason)
+    for info in sorted((i for i in infos if i.complete), key=lambda i: i.order, reverse=True):
+        found = problem(info)
+        if found is None:
+            return info
+        logger.warning("Skipping checkpoint %s: %s", info.path, found)
+    return None

@@ -8,7 +8,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import storage
+import torch
+
+from . import __version__, storage
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -148,40 +150,14 @@ def list_checkpoints(save_dir: str) -> list[CheckpointInfo]:
 
 
 def latest_complete(save_dir: str, infos: list[CheckpointInfo] | None = None) -> CheckpointInfo | None:
-    """The newest complete checkpoint by the cheap check (sizes): for listings. Resume uses latest_verified.
+    """The newest complete checkpoint by the cheap check (sizes): for listings. Resume uses integrity.latest_verified.
     `infos`: save_dir's list_checkpoints() when the caller already has it."""
     complete = [i for i in (list_checkpoints(save_dir) if infos is None else infos) if i.complete]
     return max(complete, key=lambda i: i.order) if complete else None
 
 
-def latest_verified(save_dir: str, infos: list[CheckpointInfo] | None = None) -> CheckpointInfo | None:
-    """What resume uses: the newest complete checkpoint whose files all match their content hashes.
-
-    Every damaged checkpoint passed over gets a warning naming it and the file: a complete one that fails
-    its hashes, and one whose metadata.json is there but does not parse or lists missing or resized files.
-    (A directory without metadata.json is an interrupted save, not damage: skipped quietly.) `infos`: save_dir's
-    list_checkpoints() when the caller already has it."""
-    from . import integrity  # builds on this module
-    from .logs import logger
-
-    infos = list_checkpoints(save_dir) if infos is None else infos
-    for info in infos:
-        if not info.complete and info.reason != NO_COMMIT:
-            logger.warning("Skipping checkpoint %s: %s", info.path, info.reason)
-    for info in sorted((i for i in infos if i.complete), key=lambda i: i.order, reverse=True):
-        problem = integrity.problem(info)
-        if problem is None:
-            return info
-        logger.warning("Skipping checkpoint %s: %s", info.path, problem)
-    return None
-
-
 def build_metadata(*, step: int, epoch: int, kind: str, world_size: int, is_best: bool,
                    metrics: dict | None, best_metric: Any, files: dict[str, dict]) -> dict[str, Any]:
-    import torch
-
-    from . import __version__
-
     meta = {
         "format_version": FORMAT_VERSION,
         "step": int(step),

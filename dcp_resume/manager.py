@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -30,8 +31,6 @@ def _log_failure(future, step: int) -> None:
 
 
 def _signal_name(signum: int | None) -> str:
-    import signal
-
     return signal.Signals(signum).name if signum else "another rank"
 
 
@@ -124,7 +123,7 @@ class CheckpointManager:
     def find_latest_checkpoint(self, checkpoint_dir: str | os.PathLike | None = None) -> str | None:
         """Path of the complete checkpoint with the highest step (ties: newest timestamp) whose files all
         match their content hashes, or None. Damaged newer ones are skipped with a warning naming the file."""
-        info = layout.latest_verified(os.fspath(checkpoint_dir or self.save_dir))
+        info = integrity.latest_verified(os.fspath(checkpoint_dir or self.save_dir))
         return info.path if info else None
 
     def save_checkpoint(self, state: dict[str, Any], step: int, epoch: int = 0, is_best: bool = False,

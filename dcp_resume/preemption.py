@@ -7,8 +7,10 @@ next step boundary, all-reduced so every rank sees it at the same step, and the 
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import sys
 import threading
 
 import torch
@@ -70,9 +72,6 @@ def exit_preempted() -> None:
     """Exit with PREEMPTED_EXIT_CODE now, after flushing logs and streams. Skips interpreter teardown,
     which resets signal handlers to their defaults: torchrun SIGTERMs the remaining workers as soon as
     one exits, and that SIGTERM would otherwise turn an orderly 143 into a kill (-15)."""
-    import logging
-    import sys
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

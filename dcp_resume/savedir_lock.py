@@ -17,6 +17,7 @@ Readers (find_latest_checkpoint, load_checkpoint, the CLI) never touch it.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
 import socket
@@ -174,8 +175,6 @@ def _stale(holder: dict[str, Any] | None, path: str) -> str | None:
 
 
 def _parse_time(ts: Any) -> float | None:
-    import datetime as _dt
-
     try:
         return _dt.datetime.fromisoformat(str(ts)).timestamp()
     except ValueError:

@@ -1,6 +1,6 @@
 """`ls SAVE_DIR` and `latest SAVE_DIR`: what is on disk, and which checkpoint --auto_resume loads.
 
-Both name the same checkpoint as latest: layout.latest_verified, the engine's own choice on resume (the
+Both name the same checkpoint as latest: integrity.latest_verified, the engine's own choice on resume (the
 newest complete checkpoint whose files match their content hashes; damaged newer ones are passed over). That
 reads the newest checkpoint's files in full, and any damaged newer ones; `ls --quick` reads none and marks
 the newest complete one by sizes only.
@@ -50,7 +50,7 @@ def listing(save_dir: str, quick: bool) -> dict:
         latest = layout.latest_complete(save_dir, infos)
     else:
         with engine_quiet():
-            latest = layout.latest_verified(save_dir, infos)
+            latest = integrity.latest_verified(save_dir, infos)
     complete = [i for i in infos if i.complete]
     best = max((i for i in complete if i.meta.get("is_best")), key=lambda i: i.order, default=None)
     rows = []
@@ -122,7 +122,7 @@ def run_ls(args) -> int:
 
 def run_latest(args) -> int:
     save_dir = save_dir_arg(args.save_dir)
-    latest = layout.latest_verified(save_dir)  # warns about each damaged checkpoint it passes over
+    latest = integrity.latest_verified(save_dir)  # warns about each damaged checkpoint it passes over
     if latest is None:
         print(f"No checkpoint found to resume in {save_dir}", file=sys.stderr)
         return EXIT_FAILED

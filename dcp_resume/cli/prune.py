@@ -37,7 +37,7 @@ def _plan(save_dir: str, keep: int, keep_best: bool) -> tuple[list, list, dict[s
     infos = layout.list_checkpoints(save_dir)
     doomed = retention.plan_removals(infos, keep, keep_best)
     with engine_quiet():
-        resume = layout.latest_verified(save_dir, infos)
+        resume = integrity.latest_verified(save_dir, infos)
     notes: dict[str, str] = {}
     if resume is not None:
         notes[resume.path] = "--auto_resume loads it"
