@@ -1,0 +1,70 @@
+"""The package's import graph has no cycles and no function-local imports of project modules (the usual way
+to hide a cycle): the layer list in README.md holds."""
+import ast
+import os
+
+from conftest import ROOT
+
+PACKAGE = os.path.join(ROOT, "dcp_resume")
+
+
+def _modules() -> dict[str, str]:
+    out = {}
+    for dirpath, _, files in os.walk(PACKAGE):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(dirpath, f)
+                name = os.path.relpath(path[:-3], ROOT).replace(os.sep, ".").removesuffix(".__init__")
+                out[name] = path
+    return out
+
+
+def _imports(name: str, path: str, modules: dict) -> tuple[set, list]:
+    """(project modules imported at module level, function-local project imports as 'line: module')."""
+    tree = ast.parse(open(path).read())
+    package = name if path.endswith("__init__.py") else name.rsplit(".", 1)[0]
+    top, local = set(), []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+            target = f"{base}.{node.module}" if node.module else base
+        elif node.module and node.module.split(".")[0] == "dcp_resume":
+            target = node.module
+        else:
+            continue
+        named = [f"{target}.{a.name}" for a in node.names]  # `from . import x`: the submodules, not the package
+        found = {c for c in ([target] if node.module else []) + named if c in modules and c != name}
+        if node.col_offset > 0:
+            local += [f"{node.lineno}: {c}" for c in sorted(found)]
+        top |= found - {"dcp_resume"}  # the package itself: only its __version__, set before any import
+    return top, local
+
+
+def test_no_cycles_and_no_function_local_imports():
+    modules = _modules()
+    graph, local = {}, {}
+    for name, path in modules.items():
+        graph[name], found = _imports(name, path, modules)
+        if found:
+            local[name] = found
+    assert local == {}, f"function-local imports of project modules (a hidden cycle?): {local}"
+    done, stack = set(), []
+
+    def visit(m):
+        if m in stack:
+            raise AssertionError(f"import cycle: {' -> '.join(stack[stack.index(m):] + [m])}")
+        if m in done:
+            return
+        stack.append(m)
+        for d in sorted(graph[m]):
+            if d != "dcp_resume":
+                visit(d)
+        stack.pop()
+        done.add(m)
+
+    for m in sorted(graph):
+        if m != "dcp_resume":
+            visit(m)
+    assert len(done) > 30  # the walk saw the package
