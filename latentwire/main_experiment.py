@@ -25,7 +25,7 @@ from dcp_resume.rng import RNGState  # noqa: E402
 from dcp_resume.sampler import ResumableSampler  # noqa: E402
 from latentwire.data import collate, load_examples  # noqa: E402
 from latentwire.model import COMPRESSIONS, LatentWire, ModelConfig, trainable_state  # noqa: E402
-from latentwire.recipe import TINY, seed_everything, warmup_cosine  # noqa: E402
+from latentwire.recipe import TINY, rank_seed, seed_everything, warmup_cosine  # noqa: E402
 
 EVAL_FRACTION = 0.2
 
@@ -66,7 +66,7 @@ class Experiment:
         self.sampler = ResumableSampler(len(self.train_set), args.batch_size, seed=args.seed)
         total = args.epochs * math.ceil(len(self.train_set) / args.batch_size)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(2, total))
-        seed_everything(args.seed * 1000)
+        seed_everything(rank_seed(args.seed, 0))
         self.rng = RNGState(0)
         self.ckpt = None if args.no_checkpoints else ExperimentCheckpointer(
             {**vars(args), "save_dir": args.save_dir, "save_interval": args.save_interval, "verbose": False})

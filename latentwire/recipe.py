@@ -20,6 +20,22 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of one rank's RNG streams (dropout etc.): distinct per rank and reproducible. After a resume
+    whose RNG state has no owner (another world size), the step is mixed in so the streams do not replay
+    those of step 0 (7919: a prime above any world size used here, so the (rank, step) pairs of one seed get
+    distinct seeds)."""
+    return seed * 1000 + rank + 7919 * step
+
+
+def align_lr_with_schedule(optimizer, scheduler) -> None:
+    """When only one of optimizer and LR schedule was restored, make the optimizer step at the schedule's LR:
+    a fresh optimizer at the restored schedule's, a restored one (which carries the saved LR) at the fresh
+    schedule's."""
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

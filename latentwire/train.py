@@ -31,7 +31,7 @@ from dcp_resume import (  # noqa: E402
 from latentwire.args import parse_args  # noqa: E402
 from latentwire.data import collate, load_examples  # noqa: E402
 from latentwire.model import LatentWire, ModelConfig, trainable_state, unwrap  # noqa: E402
-from latentwire.recipe import TINY, seed_everything, warmup_cosine  # noqa: E402
+from latentwire.recipe import TINY, align_lr_with_schedule, rank_seed, seed_everything, warmup_cosine  # noqa: E402
 from latentwire.runtime import setup_logging, start, wrap  # noqa: E402
 
 EVAL_SAMPLES = 32
@@ -82,7 +82,7 @@ class Trainer:
         per_epoch = math.ceil(len(self.examples) / (args.batch_size * self.rt.world_size))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(args.warmup_steps,
                                                                                  args.epochs * per_epoch))
-        seed_everything(args.seed * 1000 + self.rt.rank)  # dropout etc. differ per rank, reproducibly
+        seed_everything(rank_seed(args.seed, self.rt.rank))
         self.rng = RNGState(self.rt.rank)
         self.counters = {"epoch": 0, "global_step": 0, "samples_seen": 0, "best_metric": None,
                          "batch_size": args.batch_size, "world_size": self.rt.world_size}
@@ -114,11 +114,8 @@ class Trainer:
             state.update(counters=None, sampler=self.sampler, rng=self.rng)  # counters=None: take the saved values
         # RNG streams are per rank: after a world-size change they have no owner and are reseeded below.
         loaded = self.manager.load_checkpoint(path, state=state, per_rank_policy="fresh")
-        if ("scheduler" in state) != ("optimizer" in state):
-            # One of the two is fresh: the optimizer steps at the schedule's LR (a fresh optimizer at the
-            # restored schedule's; a restored optimizer, which carries the saved LR, at the fresh schedule's).
-            for group, lr in zip(self.opt.param_groups, self.sched.get_last_lr()):
-                group["lr"] = lr
+        if ("scheduler" in state) != ("optimizer" in state):  # one of the two is fresh
+            align_lr_with_schedule(self.opt, self.sched)
         if a.reset_epoch:
             self.log.info(f"Resuming from checkpoint: {path} (weights only; --reset_epoch restarts at step 0)")
             return
@@ -126,7 +123,7 @@ class Trainer:
         self.counters.update(epoch=saved["epoch"], global_step=saved["global_step"],
                              samples_seen=saved["samples_seen"], best_metric=saved["best_metric"])
         if not self.rng.restored or saved["world_size"] != self.rt.world_size:
-            seed_everything(a.seed * 1000 + self.rt.rank + 7919 * saved["global_step"])
+            seed_everything(rank_seed(a.seed, self.rt.rank, saved["global_step"]))
             self.log.warning("World size changed: RNG streams are reseeded (data order stays exact)")
         self._load_stats(path, self.manager.loaded_training_stats)
         self.log.info(f"Resuming from checkpoint: {path} (step {saved['global_step']}, epoch {saved['epoch']})")
