@@ -83,6 +83,8 @@ def markdown(result: dict) -> str:
                      f"{hash_s} | {hash_gbps} | {r['cold_blocking_s']:.3f} | {_med(r, 'blocking_s') / floor_s:.1f}x | "
                      f"{total_gb / _med(r, 'total_s') / fl['write_gbps']:.0%} | {slow} | "
                      f"{r['peak_rss_growth_bytes'] / 2**20:.0f} |")
+    for method, why in (result.get("unavailable") or {}).items():
+        lines += ["", f"{method}: not run here ({why})"]
     if result["targets"]:
         lines += ["", "### Targets", "", "| params MB/rank | measure | value | target | met |",
                   "|---|---|---|---|---|"]

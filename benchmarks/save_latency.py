@@ -9,7 +9,10 @@
 
 State = a stack of fp32 Linear layers of --sizes MB per rank plus AdamW's two moments (about 3x).
 Methods: torch_save_rank0 (full state on rank 0, torch.save, fsync), dcp_sync (dcp.save), dcp_async_thread
-(dcp.async_save, thread mode), engine_sync and engine_async (dcp_resume.CheckpointManager). Every method's
+(dcp.async_save, thread mode), dcp_async_cached (the same with DCP's own reused staging buffers,
+FileSystemWriter(cache_staged_state_dict=True), one writer kept across saves: what staging.py competes with;
+reported unavailable, with DCP's error, where it cannot run), engine_sync and engine_async
+(dcp_resume.CheckpointManager). Every method's
 state is built first; then each round saves with every method once, in an order that changes every round
 (so drift of a shared disk's write-back state hits all methods alike, and no method always follows the same
 one). Round 0 is the cold save, reported apart; the --repeats warm rounds give median and spread of
@@ -53,7 +56,7 @@ from _bench_report import compute_targets, report  # noqa: E402
 from dcp_resume import CheckpointManager, storage  # noqa: E402
 from dcp_resume import dcp_io, layout  # noqa: E402
 
-METHODS = ("torch_save_rank0", "dcp_sync", "dcp_async_thread", "engine_sync", "engine_async")
+METHODS = ("torch_save_rank0", "dcp_sync", "dcp_async_thread", "dcp_async_cached", "engine_sync", "engine_async")
 
 
 # -- state --------------------------------------------------------------------------------------
@@ -165,8 +168,10 @@ def save_once(method: str, model, opt, path: str, mgr, x) -> dict:
     elif method == "dcp_sync":
         dcp.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, **dcp_target(path))
         blocking = time.perf_counter() - t0
-    elif method == "dcp_async_thread":
-        future = dcp.async_save({"model": model.state_dict(), "optimizer": opt.state_dict()}, **dcp_target(path))
+    elif method in ("dcp_async_thread", "dcp_async_cached"):
+        target = ({"checkpoint_id": path, "storage_writer": mgr} if method == "dcp_async_cached" else
+                  dcp_target(path))  # dcp_async_cached: the one cached writer, in the manager's slot
+        future = dcp.async_save({"model": model.state_dict(), "optimizer": opt.state_dict()}, **target)
         blocking = time.perf_counter() - t0
         threading.Thread(target=lambda: (future.result(), done.set()), daemon=True).start()
         steps = steps_while(done, x)
@@ -180,6 +185,25 @@ def save_once(method: str, model, opt, path: str, mgr, x) -> dict:
             mgr.wait()
     barrier()
     return {"blocking_s": blocking, "total_s": time.perf_counter() - t0, "steps": steps}
+
+
+def cached_staging_problem(run_dir: str) -> str | None:
+    """Why DCP's cached staging (dcp_async_cached) cannot run here, or None (collective: a tiny async_save on
+    every rank). It needs a local save_dir, and on torch 2.13's CPU build async_save with it raises (it pins
+    memory through the accelerator)."""
+    if storage.is_url(run_dir):
+        return "FileSystemWriter(cache_staged_state_dict=True) writes local paths only"
+    path = os.path.join(run_dir, "cached_staging_probe")
+    try:
+        writer = dcp.FileSystemWriter(path, cache_staged_state_dict=True)
+        dcp.async_save({"w": torch.zeros(4)}, storage_writer=writer).result()
+        return None
+    except Exception as e:  # what DCP raised, reported in the results
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    finally:
+        barrier()
+        if rank() == 0:
+            remove(path)
 
 
 def load_once(method: str, model, opt, path: str, mgr) -> float:
@@ -281,7 +305,8 @@ def measure_size(mb: int, methods: list[str], repeats: int, run_dir: str, device
         root = os.path.join(run_dir, f"{m}_{mb}")
         mgr = (CheckpointManager(root, keep_last_n=2, verbose=False, enable_preemption_handling=False,
                                  async_save=m == "engine_async", storage_options=options)
-               if m.startswith("engine") else None)
+               if m.startswith("engine") else
+               dcp.FileSystemWriter(root, cache_staged_state_dict=True) if m == "dcp_async_cached" else None)
         benches[m] = {"model": model, "opt": opt, "root": root, "mgr": mgr, "runs": [], "loads": [], "hashes": [],
                       "hashed_bytes": 0, "rss": 0}
     order = rounds(methods, repeats + 1)
@@ -293,14 +318,14 @@ def measure_size(mb: int, methods: list[str], repeats: int, run_dir: str, device
             path = os.path.join(b["root"], f"step_{i + 1}")
             with PeakRSS() as rss:
                 run = save_once(m, b["model"], b["opt"], path, b["mgr"], x)
-                if i > 0 and b["mgr"] is not None:
+                if i > 0 and m.startswith("engine"):
                     hash_s, b["hashed_bytes"] = hash_once(path)
                     b["hashes"].append(hash_s)
                 if i > 0:
                     b["loads"].append(load_once(m, b["model"], b["opt"], path, b["mgr"]))
             b["runs"].append(run)
             b["rss"] = max(b["rss"], rss.growth)
-            if rank() == 0 and b["mgr"] is None and i > 1:  # the engine keeps the last 2 itself
+            if rank() == 0 and not m.startswith("engine") and i > 1:  # the engine keeps the last 2 itself
                 remove(os.path.join(b["root"], f"step_{i - 1}"))
             log(f"{'cold' if i == 0 else f'warm {i}/{repeats}'} {m:>17} {mb} MB params: "
                 f"blocking {run['blocking_s']:.3f} s, total {run['total_s']:.3f} s"
@@ -310,7 +335,7 @@ def measure_size(mb: int, methods: list[str], repeats: int, run_dir: str, device
     results = []
     for m in methods:
         b = benches[m]
-        if b["mgr"] is not None:
+        if m.startswith("engine"):
             b["mgr"].close()
         warm, during = b["runs"][1:], [t for r in b["runs"][1:] for t in r["steps"]]
         hash_s = spread(b["hashes"]) if b["hashes"] else None
@@ -354,6 +379,7 @@ def main(argv=None) -> int:
     if a.repeats < 1:
         p.error("--repeats must be at least 1")
     methods = [m for m in METHODS if m in a.methods]
+    unavailable = {}
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if a.device == "cuda" else "gloo")
     if a.device == "cuda":
@@ -367,6 +393,12 @@ def main(argv=None) -> int:
                    "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "world_size": world()}
         machine["summary"] = (f"{machine['device']}, {machine['cpus']} CPUs, torch {machine['torch']}, "
                               f"{world()} rank(s)")
+        if "dcp_async_cached" in methods:
+            problem = broadcast(cached_staging_problem(run_dir))
+            if problem is not None:
+                log(f"dcp_async_cached unavailable here: {problem}")
+                unavailable["dcp_async_cached"] = problem
+                methods.remove("dcp_async_cached")
         fl, trials = measure_floors(max(a.sizes) * 3 * 2**20, run_dir, a.device)
         log(f"floors: {json.dumps({k: v if v is None else round(v, 2) for k, v in fl.items()})}")
         results, schedule = [], {}
@@ -383,7 +415,7 @@ def main(argv=None) -> int:
             result = {"machine": machine, "run": {"save_dir": os.path.dirname(run_dir), "sizes": a.sizes,
                                                   "storage": storage.backend(run_dir).protocol if remote else "local",
                                                   "repeats": a.repeats, "rounds": schedule},
-                      "floors": fl, "floor_trials": trials, "results": results,
+                      "floors": fl, "floor_trials": trials, "results": results, "unavailable": unavailable,
                       "targets": compute_targets(results, fl, remote)}
             report(result, a.out, METHODS)
     finally:
