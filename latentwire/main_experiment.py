@@ -19,7 +19,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from dcp_resume import PREEMPTED_EXIT_CODE, ExperimentCheckpointer, storage  # noqa: E402
+from dcp_resume import PREEMPTED_EXIT_CODE, ExperimentCheckpointer, StorageError, storage  # noqa: E402
 from dcp_resume.preemption import exit_preempted  # noqa: E402
 from dcp_resume.rng import RNGState  # noqa: E402
 from dcp_resume.sampler import ResumableSampler  # noqa: E402
@@ -81,8 +81,12 @@ class Experiment:
             print(f"All phases done: {self.results_path}")
             return 0
         epoch, step = 0, 0
+        path = None
         if a.resume or a.resume_from:
             path = a.resume_from or self.ckpt.manager.find_latest_checkpoint()
+        if self.ckpt:  # claim the save_dir before training: refuse a busy one, or one holding newer checkpoints
+            self.ckpt.manager.start_run(path)
+        if a.resume or a.resume_from:
             if path is None:
                 print(f"No checkpoint found to resume in {a.save_dir}; starting fresh")
             else:
@@ -163,6 +167,9 @@ def main(argv=None) -> int:
         return 2
     try:
         code = exp.run()
+    except (FileExistsError, StorageError) as e:  # a busy save_dir, or one this run would collide with
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         if exp.ckpt:
             exp.ckpt.close()

@@ -184,3 +184,14 @@ def test_other_variants_run_and_no_checkpoints_saves_none(tmp_path):
         assert all(math.isfinite(lm["loss"]) for lm in r["lms"].values())
         assert "Saved checkpoint" not in out
         assert sorted(os.listdir(tmp_path / name)) == ["results.json"]  # --save-interval 1 would save every step
+
+
+def test_a_fresh_run_into_a_finished_save_dir_is_refused_untouched(reference):
+    save_dir, _ = reference
+    before = content_snapshot(save_dir)
+    proc = experiment(*FLAGS, "--save-dir", save_dir, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and f"save_dir {save_dir} already holds" in lines[0] and "Traceback" not in proc.stderr
+    assert "phase train" not in proc.stdout
+    assert content_snapshot(save_dir) == before
