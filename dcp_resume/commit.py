@@ -87,9 +87,10 @@ def write_and_commit(payload: dict, extras: dict, path: str, commit: dict, group
         # Every rank is past its writes once an error is shared; rank 0 drops the uncommitted directory
         # (e.g. after ENOSPC) so it takes no space.
         if isinstance(e, OSError):  # a disk error (ENOSPC, EIO) while writing side files or the commit
-            cause = disk_guard.disk_full(e, save_dir) or str(e)
+            full = disk_guard.disk_full(e, save_dir)
+            cause = str(e) if full is None else f"{full} ({e})"  # the OS's own words once, either way
             e = CheckpointSaveError(f"save of step {step} to {path} failed: {cause}. The previous checkpoint "
-                                    f"stays the latest ({e})")
+                                    "stays the latest")
         if rank() == 0 and not storage.exists(os.path.join(path, layout.METADATA_FILE)):
             storage.remove_tree(path)
         raise e

@@ -8,7 +8,7 @@ import sys
 import pytest
 from cli_helpers import snapshot
 from common import Tiny
-from conftest import ROOT, WORKERS
+from conftest import ROOT, WORKERS, run
 from filesystems import mounted
 from helpers import env
 from trainer_runs import BASE, launcher
@@ -17,9 +17,8 @@ from dcp_resume import CheckpointManager
 from dcp_resume.cli import main as cli
 
 
-def _train(*args, timeout=300):
-    return subprocess.run(list(map(str, launcher(1, "python") + BASE + list(args))), capture_output=True,
-                          text=True, env=env(), cwd=ROOT, timeout=timeout)
+def _train(*args):
+    return run(list(map(str, launcher(1, "python") + BASE + list(args))), timeout=300, check=False)
 
 
 def _refused(proc, *phrases):
