@@ -26,7 +26,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from dcp_resume import storage
+from dcp_resume.storage import open_storage
 
 TRIALS = 3
 
@@ -151,15 +151,16 @@ def measure_floors(nbytes: int, directory: str, device: str) -> tuple[dict, dict
     for _ in range(TRIALS):
         trials["memcpy_gbps"].append(per_rank / timed(lambda: dst.copy_(src))[0])
     data, buf = memoryview(src.numpy()).cast("B"), memoryview(dst.numpy()).cast("B")
-    if storage.is_url(directory):
-        fs, blob = storage.backend(directory).fs, bytes(data)  # the PUT body, made before any timing
+    store = open_storage(directory)
+    if store.remote:
+        fs, blob = store.fs, bytes(data)  # the PUT body, made before any timing
         for t in range(TRIALS):
             key = f"{directory.rstrip('/')}/floor_rank{rank()}_{t}.bin"
             trials["write_gbps"].append(everyone / timed(lambda: fs.pipe_file(key, blob))[1])
             trials["read_gbps"].append(everyone / timed(lambda: fs.cat_file(key))[1])
             fs.rm_file(key)
         del blob
-    for t in range(0 if storage.is_url(directory) else TRIALS):
+    for t in range(0 if store.remote else TRIALS):
         path = os.path.join(directory, f"floor_rank{rank()}_{t}.bin")
         trials["write_gbps"].append(everyone / timed(lambda: write_file(path, data))[1])
         trials["read_gbps"].append(everyone / timed(lambda: read_into(path, buf))[1])

@@ -1,6 +1,6 @@
 """What content hashing costs: xxh3_64 throughput on a file right after it was written (page cache), and
 the share of a real CheckpointManager save spent hashing (each rank hashes its own shards, rank 0 also the
-side files; storage.file_info is the one place that does it, so timing it times all hashing).
+side files; hashing.file_info is the one place that does it, so timing it times all hashing).
 
     python benchmarks/hash_cost.py [--mb 200] [--repeats 5] [--dir /tmp/hash_cost]
 
@@ -21,17 +21,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import xxhash  # noqa: E402
 
-from dcp_resume import CheckpointManager, storage  # noqa: E402
+from dcp_resume import CheckpointManager, hashing  # noqa: E402
+from dcp_resume.storage import open_storage  # noqa: E402
 
 
 def file_hash_gbps(path: str, mb: int, repeats: int) -> tuple[float, float]:
     """(file hash GB/s from the page cache, in-memory xxh3_64 GB/s), medians."""
     data = os.urandom(mb * 1_000_000)
-    storage.write_bytes_durably(path, data)
+    store = open_storage(path)
+    store.write_durably(path, data)
     file_rates, mem_rates = [], []
     for _ in range(repeats):
         t = time.perf_counter()
-        storage.file_hash(path)
+        hashing.file_digest(store, path)
         file_rates.append(len(data) / 1e9 / (time.perf_counter() - t))
         t = time.perf_counter()
         xxhash.xxh3_64(data).hexdigest()
@@ -42,18 +44,18 @@ def file_hash_gbps(path: str, mb: int, repeats: int) -> tuple[float, float]:
 def save_share(root: str, mb: int, repeats: int) -> tuple[float, float, float]:
     """(median save seconds, median hashing seconds within it, checkpoint MB) for a sync save of ~mb MB."""
     spent: list[float] = []
-    real = storage.file_info
+    real = hashing.file_info
 
-    def timed(path):
+    def timed(store, path):
         t = time.perf_counter()
         try:
-            return real(path)
+            return real(store, path)
         finally:
             spent.append(time.perf_counter() - t)
 
-    storage.file_info = timed
+    hashing.file_info = timed
     state = {"weights": torch.randn(mb * 250_000)}  # fp32: mb MB
-    totals, hashing = [], []
+    totals, hash_s = [], []
     try:
         for i in range(repeats + 1):
             save_dir = os.path.join(root, f"run{i}")
@@ -64,12 +66,12 @@ def save_share(root: str, mb: int, repeats: int) -> tuple[float, float, float]:
                 total = time.perf_counter() - t
             if i:  # the first save is a warm-up (allocations, imports)
                 totals.append(total)
-                hashing.append(sum(spent))
-            size = sum(os.path.getsize(os.path.join(path, f)) for f in storage.list_files(path))
+                hash_s.append(sum(spent))
+            size = sum(os.path.getsize(os.path.join(path, f)) for f in open_storage(path).list_files(path))
             shutil.rmtree(save_dir)
     finally:
-        storage.file_info = real
-    return statistics.median(totals), statistics.median(hashing), size / 1e6
+        hashing.file_info = real
+    return statistics.median(totals), statistics.median(hash_s), size / 1e6
 
 
 def main() -> int:

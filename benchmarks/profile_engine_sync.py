@@ -4,7 +4,7 @@
 
 Per rank: the median wall time of dcp_sync and engine_sync saves (interleaved), and for the engine the
 cumulative time of its phases over the warm saves: DCP's write (dcp_io.save), hashing its own files
-(storage.file_hash), rank 0's preparation (_prepare_target: lock, leftovers, free space), commit
+(hashing.file_digest), rank 0's preparation (_prepare_target: lock, leftovers, free space), commit
 (_commit: side files, metadata.json, fsyncs) and retention (_apply_retention: deleting the oldest).
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ from save_latency import build_state  # noqa: E402
 
 from dcp_resume import CheckpointManager  # noqa: E402
 
-PHASES = {"dcp_io.py:save": "DCP write (dcp_io.save)", "__init__.py:file_hash": "hash own files (file_hash)",
-          "manager.py:_prepare_target": "prepare (rank 0)", "manager.py:_commit": "commit (rank 0)",
+PHASES = {"dcp_io.py:save": "DCP write (dcp_io.save)", "hashing.py:file_digest": "hash own files (file_digest)",
+          "manager.py:_prepare_target": "prepare (rank 0)", "commit.py:_commit": "commit (rank 0)",
           "manager.py:_apply_retention": "retention (rank 0)"}
 
 

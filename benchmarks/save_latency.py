@@ -19,7 +19,7 @@ one). Round 0 is the cold save, reported apart; the --repeats warm rounds give m
 blocking_s (what the caller waits), total_s (until committed and durable) and load_s (timed right after
 each warm save), plus peak RSS growth and step_slowdown (training-like steps while a background save runs,
 relative to steps without one). Engine methods also get hash_s: hashing that rank's checkpoint files with
-dcp_resume.storage.file_hash right after the save (page cache), timed outside the save, as the engine does
+dcp_resume.hashing.file_digest right after the save (page cache), timed outside the save, as the engine does
 inside it. Floors, best of 3 each (see _bench_floors.py): memcpy_gbps, write_gbps (write+fsync, one writer
 per rank), read_gbps (page-cache read, as a load right after a save), cold_read_gbps (after evicting the
 file's pages); on CUDA also d2h_gbps. Checkpoints and floor files go to --save-dir (default OUT/ckpt); only
@@ -49,12 +49,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader  # noqa: E402
 from _bench_floors import all_gather, barrier, broadcast, log, measure_floors, rank, world  # noqa: E402
 from _bench_report import compute_targets, report  # noqa: E402
 
-from dcp_resume import CheckpointManager, storage  # noqa: E402
-from dcp_resume import dcp_io, layout  # noqa: E402
+from dcp_resume import CheckpointManager  # noqa: E402
+from dcp_resume import dcp_io, hashing, layout  # noqa: E402
+from dcp_resume.storage import open_storage  # noqa: E402
 
 METHODS = ("torch_save_rank0", "dcp_sync", "dcp_async_thread", "dcp_async_cached", "engine_sync", "engine_async")
 
@@ -124,20 +124,19 @@ def steps_while(done: threading.Event | None, x: torch.Tensor, n_max: int = 200)
 
 
 def remove(path: str) -> None:
-    if storage.is_url(path):
-        storage.remove_tree(path)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+    open_storage(path).remove_tree(path)
 
 
 def dcp_target(path: str, load: bool = False) -> dict:
     """dcp.save/async_save/load keyword for `path`: plain DCP on a local path (checkpoint_id, FileSystemWriter
     with fsync), DCP's fsspec writer/reader on a URL (the writer the engine uses there: no fsync)."""
-    if not storage.is_url(path):
+    store = open_storage(path)
+    if not store.remote:
         return {"checkpoint_id": path}
     if load:
-        return {"storage_reader": FsspecReader(path, **storage.fsspec_options(path))}
-    return {"storage_writer": dcp_io._writer(path)}
+        reader, options = store.dcp_reader_class()
+        return {"storage_reader": reader(path, **options)}
+    return {"storage_writer": store.dcp_writer(path)}
 
 
 def fsync_tree(path: str) -> None:
@@ -157,8 +156,9 @@ def save_once(method: str, model, opt, path: str, mgr, x) -> dict:
     if method == "torch_save_rank0":
         if rank() == 0:
             target, sd = os.path.join(path, "state.pt"), {"model": model.state_dict(), "optimizer": opt.state_dict()}
-            if storage.is_url(path):  # one streamed upload; durable when the object is closed
-                with storage.backend(target).fs.open(target, "wb") as f:
+            store = open_storage(path)
+            if store.remote:  # one streamed upload; durable when the object is closed
+                with store.fs.open(target, "wb") as f:
                     torch.save(sd, f)
             else:
                 os.makedirs(path, exist_ok=True)
@@ -191,7 +191,7 @@ def cached_staging_problem(run_dir: str) -> str | None:
     """Why DCP's cached staging (dcp_async_cached) cannot run here, or None (collective: a tiny async_save on
     every rank). It needs a local save_dir, and on torch 2.13's CPU build async_save with it raises (it pins
     memory through the accelerator)."""
-    if storage.is_url(run_dir):
+    if open_storage(run_dir).remote:
         return "FileSystemWriter(cache_staged_state_dict=True) writes local paths only"
     path = os.path.join(run_dir, "cached_staging_probe")
     try:
@@ -211,8 +211,9 @@ def load_once(method: str, model, opt, path: str, mgr) -> float:
     t0 = time.perf_counter()
     if method == "torch_save_rank0":
         target = os.path.join(path, "state.pt")
-        if storage.is_url(target):
-            with storage.backend(target).fs.open(target, "rb") as f:
+        store = open_storage(target)
+        if store.remote:
+            with store.fs.open(target, "rb") as f:
                 sd = torch.load(f, map_location="cpu", weights_only=True)
         else:
             sd = torch.load(target, map_location="cpu", weights_only=True)
@@ -232,13 +233,14 @@ def spread(xs: list[float]) -> dict:
 
 def hash_once(path: str) -> tuple[float, int]:
     """(seconds until every rank has hashed the shard files it wrote into checkpoint `path`, bytes hashed by
-    all ranks): what the engine spends on storage.file_hash inside each save, timed here outside it. On a URL
+    all ranks): what the engine spends on hashing.file_digest inside each save, timed here outside it. On a URL
     that is a read back of every shard from the store."""
+    store = open_storage(path)
     state_dir = os.path.join(path, layout.STATE_DIR)
-    names = dcp_io.shard_files_of_rank(state_dir, rank())
+    names = dcp_io.shard_files_of_rank(store, state_dir, rank())
     barrier()
     t0 = time.perf_counter()
-    mine = sum(storage.file_hash(os.path.join(state_dir, n))[0] for n in names)
+    mine = sum(hashing.file_digest(store, os.path.join(state_dir, n))[0] for n in names)
     barrier()
     return time.perf_counter() - t0, sum(all_gather(mine))
 
@@ -261,14 +263,14 @@ def prepare_save_dir(spec: str | None, out: str, options: dict | None = None) ->
     URL) inside it, and a cleanup that removes only what this run created."""
     base = spec or os.path.join(out, "ckpt")
     stamp = f"save_latency_{os.getpid()}_{time.strftime('%Y%m%d-%H%M%S')}"
-    if storage.is_url(base):
-        storage.configure(base, options)  # on every rank: the options for every path under the URL
+    store = open_storage(base, options)  # on every rank: remembered for every path under a URL
+    if store.remote:
         run_dir = broadcast(f"{base.rstrip('/')}/{stamp}")
-        storage.check_reachable(run_dir)  # a missing bucket or a dead endpoint: one clear error, on every rank
+        store.check_reachable(run_dir)  # a missing bucket or a dead endpoint: one clear error, on every rank
         if rank() == 0:
-            storage.makedirs(run_dir)
+            store.makedirs(run_dir)
         barrier()
-        return run_dir, lambda: storage.remove_tree(run_dir) if rank() == 0 else None
+        return run_dir, lambda: store.remove_tree(run_dir) if rank() == 0 else None
     base = os.path.abspath(base)
     top = base  # the topmost directory this run creates, if any
     while not os.path.exists(os.path.dirname(top)):
@@ -372,7 +374,7 @@ def main(argv=None) -> int:
             p.error(f"--storage-options is not JSON: {e}")
         if not isinstance(options, dict):
             p.error("--storage-options must be a JSON object")
-        if not (a.save_dir and storage.is_url(a.save_dir)):
+        if not (a.save_dir and open_storage(a.save_dir).remote):
             p.error("--storage-options applies to a URL --save-dir only")
     if a.quick:
         a.sizes, a.repeats = [96], 3
@@ -386,7 +388,8 @@ def main(argv=None) -> int:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     os.makedirs(a.out, exist_ok=True)
     run_dir, cleanup = prepare_save_dir(a.save_dir, a.out, options)
-    remote = storage.is_url(run_dir)
+    store = open_storage(run_dir)
+    remote = store.remote
     try:
         x = torch.randn(256, 256, device=a.device) / 16
         machine = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
@@ -413,7 +416,7 @@ def main(argv=None) -> int:
         barrier()
         if rank() == 0:
             result = {"machine": machine, "run": {"save_dir": os.path.dirname(run_dir), "sizes": a.sizes,
-                                                  "storage": storage.backend(run_dir).protocol if remote else "local",
+                                                  "storage": store.protocol if remote else "local",
                                                   "repeats": a.repeats, "rounds": schedule},
                       "floors": fl, "floor_trials": trials, "results": results, "unavailable": unavailable,
                       "targets": compute_targets(results, fl, remote)}

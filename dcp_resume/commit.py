@@ -23,24 +23,25 @@ from typing import Callable
 from torch.distributed.checkpoint import CheckpointException
 
 from . import artifacts as artifacts_mod
-from . import dcp_io, disk_guard, integrity, layout, storage
+from . import dcp_io, disk_guard, hashing, integrity, layout
 from .distributed import CommitGroup, first_line, peer_failure, rank, world_size
 from .errors import CheckpointExistsError, CheckpointSaveError
 from .logs import logger
+from .storage import Storage
 
 WRITE, SKIP, RELABEL = "write", "skip", "relabel"  # what prepare() decided
 
 
-def prepare(path: str, kind: str, *, save_dir: str, last_bytes: int | None, low_disk_policy: str,
+def prepare(store: Storage, path: str, kind: str, *, save_dir: str, last_bytes: int | None, low_disk_policy: str,
             before_first_write: Callable[[], None]) -> str:
     """Rank 0, lock held: WRITE (state/ made), SKIP (a periodic save skipped for lack of disk space) or
     RELABEL (a final save at the step of a committed checkpoint, which then becomes the final one).
     `before_first_write` runs once the target is known not to be a committed checkpoint."""
-    if storage.is_link(path):  # never write a checkpoint through a link (it may point outside save_dir)
+    if store.is_link(path):  # never write a checkpoint through a link (it may point outside save_dir)
         logger.warning("Removing the symlink %s (it is not a checkpoint; its target is left alone)", path)
-        storage.remove_file(path)
-    info = layout.inspect_dir(path)
-    damage = integrity.problem(info) if info.complete else None
+        store.remove_file(path)
+    info = layout.inspect_dir(store, path)
+    damage = integrity.problem(store, info) if info.complete else None
     if info.complete and damage is None:
         if kind == "final":
             return RELABEL
@@ -54,10 +55,10 @@ def prepare(path: str, kind: str, *, save_dir: str, last_bytes: int | None, low_
     elif info.reason != layout.NO_DIR:
         logger.info("Removing incomplete checkpoint before rewriting it: %s (%s)", path, info.reason)
     if info.reason != layout.NO_DIR:
-        storage.remove_tree(path)
-    short = disk_guard.shortfall(save_dir, last_bytes)
+        store.remove_tree(path)
+    short = disk_guard.shortfall(store, save_dir, last_bytes)
     if short is not None:
-        why = disk_guard.describe(save_dir, *short)
+        why = disk_guard.describe(store, save_dir, *short)
         if kind in ("preemption", "final"):
             logger.warning("LOW DISK SPACE: %s. Attempting the %s checkpoint anyway", why, kind)
         elif low_disk_policy == "skip":
@@ -65,38 +66,39 @@ def prepare(path: str, kind: str, *, save_dir: str, last_bytes: int | None, low_
             return SKIP
         else:
             raise CheckpointSaveError(f"not saving {path}: {why} (low_disk_policy='fail')")
-    storage.makedirs(os.path.join(path, layout.STATE_DIR))
+    store.makedirs(os.path.join(path, layout.STATE_DIR))
     return WRITE
 
 
-def write_and_commit(payload: dict, extras: dict, path: str, commit: dict, group: CommitGroup,
+def write_and_commit(store: Storage, payload: dict, extras: dict, path: str, commit: dict, group: CommitGroup,
                      save_dir: str) -> int:
     """Steps 2-4 on every rank (inline for sync saves, on the background thread for async ones). Returns the
     bytes the committed checkpoint's files take; raises CheckpointSaveError with nothing committed."""
     step = commit["step"]
     state_dir = os.path.join(path, layout.STATE_DIR)
     try:
-        with failures_named(f"save of step {step} to {path}", save_dir, group.timeout_s):
-            dcp_io.save(payload, state_dir, group.group)
-            mine = {f"{layout.STATE_DIR}/{n}": storage.file_info(os.path.join(state_dir, n))
-                    for n in dcp_io.shard_files_of_rank(state_dir, rank())}
+        with failures_named(f"save of step {step} to {path}", store, save_dir, group.timeout_s):
+            dcp_io.save(store, payload, state_dir, group.group)
+            mine = {f"{layout.STATE_DIR}/{n}": hashing.file_info(store, os.path.join(state_dir, n))
+                    for n in dcp_io.shard_files_of_rank(store, state_dir, rank())}
             reported = group.gather(mine)
-        with failures_named(f"commit of step {step} to {path}", save_dir, group.timeout_s):
-            return group.run_on_rank0(lambda: _commit(path, reported, save_dir=save_dir, extras=extras, **commit))
+        with failures_named(f"commit of step {step} to {path}", store, save_dir, group.timeout_s):
+            return group.run_on_rank0(lambda: _commit(store, path, reported, save_dir=save_dir, extras=extras,
+                                                      **commit))
     except BaseException as e:
         # Every rank is past its writes once an error is shared; rank 0 drops the uncommitted directory
         # (e.g. after ENOSPC) so it takes no space.
         if isinstance(e, OSError):  # a disk error (ENOSPC, EIO) while writing side files or the commit
-            full = disk_guard.disk_full(e, save_dir)
+            full = disk_guard.disk_full(e, store, save_dir)
             cause = str(e) if full is None else f"{full} ({e})"  # the OS's own words once, either way
             e = CheckpointSaveError(f"save of step {step} to {path} failed: {cause}. The previous checkpoint "
                                     "stays the latest")
-        if rank() == 0 and not storage.exists(os.path.join(path, layout.METADATA_FILE)):
-            storage.remove_tree(path)
+        if rank() == 0 and not store.exists(os.path.join(path, layout.METADATA_FILE)):
+            store.remove_tree(path)
         raise e
 
 
-def _commit(path: str, reported: list[dict], *, save_dir: str, step, epoch, kind, is_best, metrics,
+def _commit(store: Storage, path: str, reported: list[dict], *, save_dir: str, step, epoch, kind, is_best, metrics,
             best_metric, config, training_stats, extras) -> int:
     """Rank 0, after every rank wrote its shards: side files, then metadata.json last."""
     files: dict[str, dict] = {}
@@ -104,46 +106,46 @@ def _commit(path: str, reported: list[dict], *, save_dir: str, step, epoch, kind
         files.update(rank_files)
     side = {layout.CONFIG_FILE: config, layout.STATS_FILE: training_stats}
     for name, obj in side.items():
-        storage.write_json_durably(os.path.join(path, name), obj)
+        store.write_json_durably(os.path.join(path, name), obj)
     for name, data in artifacts_mod.encode(extras).items():
-        storage.write_bytes_durably(os.path.join(path, name), data)
-    on_disk = storage.list_files(path)
+        store.write_durably(os.path.join(path, name), data)
+    on_disk = store.list_files(path)
     for rel in on_disk:
         if rel not in files and not rel.startswith(layout.STATE_DIR + "/"):
-            files[rel] = storage.file_info(os.path.join(path, rel))
+            files[rel] = hashing.file_info(store, os.path.join(path, rel))
     unlisted = [rel for rel in on_disk if rel not in files]
     if unlisted or dcp_io.DCP_METADATA not in {r.rsplit("/", 1)[-1] for r in files}:
         raise CheckpointSaveError(f"save of step {step} left files no rank reported ({unlisted}) or no "
                                   f"DCP .metadata in {path}/state; not committing it")
-    storage.fsync_dir(os.path.join(path, layout.STATE_DIR))
+    store.sync_dir(os.path.join(path, layout.STATE_DIR))
     meta = layout.build_metadata(step=step, epoch=epoch, kind=kind, world_size=world_size(),
                                  is_best=is_best, metrics=metrics, best_metric=best_metric, files=files)
-    storage.commit_json_atomically(os.path.join(path, layout.METADATA_FILE), meta)
-    storage.fsync_dir(save_dir)
+    store.commit_json_atomically(os.path.join(path, layout.METADATA_FILE), meta)
+    store.sync_dir(save_dir)
     return sum(info["size"] for info in files.values())
 
 
-def relabel_as_final(path: str, extras: dict, commit: dict, save_dir: str) -> None:
+def relabel_as_final(store: Storage, path: str, extras: dict, commit: dict, save_dir: str) -> None:
     """Rank 0: the checkpoint at this step already holds this step's state, so the final save records it
     as final: new artifacts are added (existing files are never rewritten), then metadata.json is
     replaced atomically with kind 'final' and the final save's metrics. A crash leaves the old commit."""
-    meta = dict(layout.inspect_dir(path).meta)
+    meta = dict(layout.inspect_dir(store, path).meta)
     files = dict(meta["files"])
     for name, data in artifacts_mod.encode(extras).items():
         if name not in files:
-            storage.write_bytes_durably(os.path.join(path, name), data)
-            files[name] = storage.file_info(os.path.join(path, name))
+            store.write_durably(os.path.join(path, name), data)
+            files[name] = hashing.file_info(store, os.path.join(path, name))
     meta.update(kind="final", is_best=bool(commit["is_best"]) or bool(meta.get("is_best")),
                 metrics={**(meta["metrics"] if isinstance(meta.get("metrics"), dict) else {}),
                          **(commit["metrics"] or {})},
                 best_metric=commit["best_metric"], files=files, relabeled_at=layout.utc_now_iso())
-    storage.commit_json_atomically(os.path.join(path, layout.METADATA_FILE), meta)
-    storage.fsync_dir(save_dir)
+    store.commit_json_atomically(os.path.join(path, layout.METADATA_FILE), meta)
+    store.sync_dir(save_dir)
     logger.info("Marked checkpoint %s as final (it already holds step %s)", path, commit["step"])
 
 
 @contextlib.contextmanager
-def failures_named(what: str, save_dir: str, timeout_s: float):
+def failures_named(what: str, store: Storage, save_dir: str, timeout_s: float):
     """A collective or DCP failure (a rank died, hung past collective_timeout_s, or hit a write error)
     becomes one CheckpointSaveError naming the step and the cause, on every surviving rank."""
     try:
@@ -152,7 +154,7 @@ def failures_named(what: str, save_dir: str, timeout_s: float):
         if isinstance(e, CheckpointSaveError):
             raise
         detail = first_line(e)
-        full = disk_guard.disk_full(e, save_dir)  # before rank 0 removes the partial directory
+        full = disk_guard.disk_full(e, store, save_dir)  # before rank 0 removes the partial directory
         if full is not None:
             cause = f"{full} ({detail})"
         else:

@@ -23,16 +23,16 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.metadata as _dcp_metadata
 from torch.distributed.checkpoint import CheckpointException
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from . import metadata_check, storage
+from . import metadata_check
 from .distributed import is_distributed
 from .errors import CorruptCheckpointError, UnsafeCheckpointError
+from .storage import Storage
 
 DCP_METADATA = ".metadata"
 SHARD_SUFFIX = ".distcp"
@@ -50,28 +50,15 @@ def _quiet_single_process():
         yield
 
 
-def _writer(state_dir: str):
-    """Local: DCP's FileSystemWriter with fsync. A URL: DCP's FsspecWriter, without DCP's fsync (an object is
-    durable when its upload returns; DCP would fall back to a machine-wide os.sync() per file)."""
-    if not storage.is_url(state_dir):
-        return dcp.FileSystemWriter(state_dir, sync_files=True)
-    return FsspecWriter(state_dir, sync_files=False, **storage.fsspec_options(state_dir))
-
-
-def _reader(state_dir: str):
-    if not storage.is_url(state_dir):
-        return SafeFileSystemReader(state_dir)
-    return SafeFsspecReader(state_dir, **storage.fsspec_options(state_dir))
-
-
-def save(state_dict: dict[str, Any], state_dir: str, group) -> None:
+def save(store: Storage, state_dict: dict[str, Any], state_dir: str, group) -> None:
     with _quiet_single_process():
-        dcp.save(state_dict, storage_writer=_writer(state_dir), process_group=group, no_dist=not is_distributed())
+        dcp.save(state_dict, storage_writer=store.dcp_writer(state_dir), process_group=group,
+                 no_dist=not is_distributed())
 
 
-def load(template: dict[str, Any], state_dir: str, group) -> None:
+def load(store: Storage, template: dict[str, Any], state_dir: str, group) -> None:
     """Fills template in place (tensors copied into, other values replaced)."""
-    reader = _reader(state_dir)
+    reader = safe_reader(store, state_dir)
     try:
         with _quiet_single_process():
             dcp.load(template, storage_reader=reader, planner=SafeLoadPlanner(reader),
@@ -83,8 +70,8 @@ def load(template: dict[str, Any], state_dir: str, group) -> None:
         raise
 
 
-def read_metadata(state_dir: str) -> Metadata:
-    return _reader(state_dir).read_metadata()
+def read_metadata(store: Storage, state_dir: str) -> Metadata:
+    return safe_reader(store, state_dir).read_metadata()
 
 
 # -- loading without running code from the checkpoint ----------------------------------------------
@@ -142,11 +129,14 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class _SafeMetadata:
-    """read_metadata that unpickles with _MetadataUnpickler instead of plain pickle (mixed into readers)."""
+    """read_metadata that unpickles with _MetadataUnpickler instead of plain pickle (mixed into the store's DCP
+    reader class by safe_reader), reading `.metadata` through the store: a regular file, bounded."""
+
+    store: Storage
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
-        data = storage.read_bytes(str(path), limit=METADATA_LIMIT)  # a regular file, bounded, never a FIFO
+        data = self.store.read_bytes(str(path), limit=METADATA_LIMIT)  # a regular file, bounded, never a FIFO
         try:
             metadata = _MetadataUnpickler(io.BytesIO(data), str(path), len(data)).load()
         except (UnsafeCheckpointError, CorruptCheckpointError):
@@ -166,12 +156,16 @@ class _SafeMetadata:
         return metadata
 
 
-class SafeFileSystemReader(_SafeMetadata, dcp.FileSystemReader):
-    """DCP's local reader, safe metadata."""
+_SAFE_READERS: dict[type, type] = {}
 
 
-class SafeFsspecReader(_SafeMetadata, FsspecReader):
-    """DCP's fsspec reader (URLs), safe metadata."""
+def safe_reader(store: Storage, state_dir: str):
+    """The store's DCP reader for state_dir, with _SafeMetadata's read_metadata."""
+    base, kwargs = store.dcp_reader_class()
+    cls = _SAFE_READERS.setdefault(base, type(f"Safe{base.__name__}", (_SafeMetadata, base), {}))
+    reader = cls(state_dir, **kwargs)
+    reader.store = store
+    return reader
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -179,7 +173,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     values (numbers, strings, bytes, None, lists, tuples, dicts, sets) plus what the application allowed
     with torch.serialization.add_safe_globals."""
 
-    def __init__(self, reader: SafeFileSystemReader, *args: Any, **kwargs: Any):
+    def __init__(self, reader, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._reader = reader
 
@@ -237,10 +231,10 @@ def template_from_metadata(meta: Metadata, top_keys: set[str] | None, map_locati
     return template
 
 
-def shard_files_of_rank(state_dir: str, rank: int) -> list[str]:
+def shard_files_of_rank(store: Storage, state_dir: str, rank: int) -> list[str]:
     """Files this rank wrote into state/: DCP names them __<rank>_<n>.distcp; rank 0 also writes .metadata."""
     prefix = f"__{rank}_"
-    names = [n for n in storage.listdir(state_dir) if n.startswith(prefix) and n.endswith(SHARD_SUFFIX)]
-    if rank == 0 and storage.exists(os.path.join(state_dir, DCP_METADATA)):
+    names = [n for n in store.listdir(state_dir) if n.startswith(prefix) and n.endswith(SHARD_SUFFIX)]
+    if rank == 0 and store.exists(os.path.join(state_dir, DCP_METADATA)):
         names.append(DCP_METADATA)
     return sorted(names)

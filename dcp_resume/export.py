@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from . import dcp_io, integrity, layout, storage
+from . import dcp_io, integrity, layout
 from .errors import IncompleteCheckpointError
+from .storage import Storage, open_storage
 
 WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -77,13 +78,13 @@ def select(meta: Metadata, where: str, state_key: str = "model", prefix: str | N
     return chosen
 
 
-def read_tensors(state_dir: str, meta: Metadata, chosen: dict[str, str]) -> dict[str, torch.Tensor]:
+def read_tensors(store: Storage, state_dir: str, meta: Metadata, chosen: dict[str, str]) -> dict[str, torch.Tensor]:
     """Full CPU tensors for the chosen keys only (a flat template: DCP matches it by flattened key)."""
     template = {}
     for fqn in chosen.values():
         md = meta.state_dict_metadata[fqn]
         template[fqn] = torch.empty(md.size, dtype=md.properties.dtype)
-    dcp_io.load(template, state_dir, None)
+    dcp_io.load(store, template, state_dir, None)
     return {name: template[fqn] for name, fqn in sorted(chosen.items())}
 
 
@@ -106,26 +107,29 @@ def write_atomically(tensors: dict[str, torch.Tensor], out: str, fmt: str, metad
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    storage.fsync_dir(os.path.dirname(os.path.abspath(out)))
+    parent = os.path.dirname(os.path.abspath(out))
+    open_storage(parent).sync_dir(parent)
 
 
 def export(path: str, out: str, *, state_key: str = "model", prefix: str | None = None,
-           keep_prefix: bool = False, dtype: str | None = None, fmt: str = "safetensors") -> Exported:
-    """Write the model weights of checkpoint `path` to `out`; floating tensors cast to `dtype` if given."""
-    info = layout.inspect_dir(path)
+           keep_prefix: bool = False, dtype: str | None = None, fmt: str = "safetensors",
+           store: Storage | None = None) -> Exported:
+    """Write the model weights of checkpoint `path` to `out`; floating tensors cast to `dtype` if given.
+    `store`: path's Storage when the caller has it (default: open_storage(path))."""
+    store = open_storage(path) if store is None else store
+    info = layout.inspect_dir(store, path)
     if not info.complete:
         raise IncompleteCheckpointError(f"{path} is not a complete checkpoint ({info.reason}); export a "
                                         "complete one (`dcp-resume ls <save_dir>` lists them)")
-    integrity.check(info)
+    integrity.check(store, info)
     state_dir = os.path.join(path, layout.STATE_DIR)
-    meta = dcp_io.read_metadata(state_dir)
-    tensors = read_tensors(state_dir, meta, select(meta, path, state_key, prefix, keep_prefix))
+    meta = dcp_io.read_metadata(store, state_dir)
+    tensors = read_tensors(store, state_dir, meta, select(meta, path, state_key, prefix, keep_prefix))
     if dtype is not None:
         for name, t in tensors.items():
             if t.is_floating_point():
                 tensors[name] = t.to(DTYPES[dtype])
-    source = path if storage.is_url(path) else os.path.abspath(path)
-    write_atomically(tensors, out, fmt, {"format": "pt", "source": source,
+    write_atomically(tensors, out, fmt, {"format": "pt", "source": store.absolute(path),
                                          "step": str(info.step), "state_key": state_key, "prefix": prefix or ""})
     return Exported(len(tensors), sum(t.numel() * t.element_size() for t in tensors.values()),
                     sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}), info.step)

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from . import __version__, storage
+from . import __version__
+from .storage import Storage
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -89,25 +90,25 @@ def _safe_relpath(rel: str) -> bool:
     return bool(rel) and not os.path.isabs(rel) and ".." not in parts
 
 
-def inspect_dir(path: str) -> CheckpointInfo:
+def inspect_dir(store: Storage, path: str) -> CheckpointInfo:
     """Completeness check: metadata.json parses and lists files that exist with the recorded sizes.
     One listing of the directory (one LIST request on an object store) plus the read of metadata.json; the
     listing is kept in `on_disk` for callers that need the directory's files and sizes too."""
-    present = storage.file_sizes(path)
-    complete, reason, meta = _judge(path, present)
+    present = store.file_sizes(path)
+    complete, reason, meta = _judge(store, path, present)
     return CheckpointInfo(path, complete, reason, meta, present or {})
 
 
-def _judge(path: str, present: dict[str, int] | None) -> tuple[bool, str, dict[str, Any]]:
+def _judge(store: Storage, path: str, present: dict[str, int] | None) -> tuple[bool, str, dict[str, Any]]:
     if present is None:
         return False, NO_DIR, {}
     if METADATA_FILE not in present:
         marker = os.path.join(path, METADATA_FILE)
-        if storage.is_link(marker) or storage.exists(marker):  # there, but a FIFO, device, socket or symlink
+        if store.is_link(marker) or store.exists(marker):  # there, but a FIFO, device, socket or symlink
             return False, "metadata.json is not a regular file (a FIFO, device, socket or symlink)", {}
         return False, NO_COMMIT, {}
     try:
-        meta = storage.read_json(os.path.join(path, METADATA_FILE))
+        meta = store.read_json(os.path.join(path, METADATA_FILE))
     except (ValueError, OSError) as e:
         return False, f"metadata.json does not parse ({type(e).__name__})", {}
     if not isinstance(meta, dict):
@@ -142,17 +143,18 @@ def by_position(infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
     return sorted(infos, key=key)
 
 
-def list_checkpoints(save_dir: str) -> list[CheckpointInfo]:
+def list_checkpoints(store: Storage, save_dir: str) -> list[CheckpointInfo]:
     """Every step_*/epoch* directory in save_dir, complete or not; complete ones sorted oldest first."""
-    infos = [inspect_dir(os.path.join(save_dir, n)) for n in storage.listdir(save_dir, dirs_only=True)
+    infos = [inspect_dir(store, os.path.join(save_dir, n)) for n in store.listdir(save_dir, dirs_only=True)
              if CHECKPOINT_NAME.match(n)]
     return sorted(infos, key=lambda i: (i.complete, i.order, i.name))
 
 
-def latest_complete(save_dir: str, infos: list[CheckpointInfo] | None = None) -> CheckpointInfo | None:
+def latest_complete(store: Storage, save_dir: str, infos: list[CheckpointInfo] | None = None
+                    ) -> CheckpointInfo | None:
     """The newest complete checkpoint by the cheap check (sizes): for listings. Resume uses integrity.latest_verified.
     `infos`: save_dir's list_checkpoints() when the caller already has it."""
-    complete = [i for i in (list_checkpoints(save_dir) if infos is None else infos) if i.complete]
+    complete = [i for i in (list_checkpoints(store, save_dir) if infos is None else infos) if i.complete]
     return max(complete, key=lambda i: i.order) if complete else None
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from . import accelerate_loaders
 from . import artifacts as artifacts_mod
-from . import commit, dcp_io, integrity, layout, live_state, per_rank, run_start, savedir_lock, storage
+from . import commit, dcp_io, integrity, layout, live_state, per_rank, run_start, savedir_lock
 from .distributed import CommitGroup, rank, world_size
 from .errors import (
     CheckpointNotFoundError,
@@ -23,6 +23,7 @@ from .options import CheckpointOptions, as_dict
 from .preemption import PreemptionHandler, agree
 from .retention import plan_removals
 from .staging import StagingBuffers
+from .storage import Storage, open_storage
 
 
 def _log_failure(future, step: int) -> None:
@@ -41,10 +42,15 @@ class CheckpointManager:
     `enable_preemption_handling`, SIGTERM/SIGUSR1/SIGINT (or `preemption_signals`) only set a flag;
     `should_save(step)` (then collective too: call it every step on every rank) agrees on it across
     ranks and returns True, with `self.preempted` set: save with kind="preemption" and exit with
-    PREEMPTED_EXIT_CODE (143). Handlers are restored by `close()`.
+    PREEMPTED_EXIT_CODE (143). The handlers are installed by the first start_run(), should_save() or
+    save_checkpoint() (or install_preemption_handlers()), and restored by `close()`.
+
+    Building a manager has no side effects: no handler, no log level, no I/O. A read-only caller
+    (find_latest_checkpoint, load_checkpoint) changes nothing but the log level `verbose` asks for.
 
     save_dir may be a URL (s3://bucket/run, gs://..., memory://...): it goes through fsspec with the same
-    commit protocol; `storage_options` (endpoint, credentials, ...) are passed to fsspec for it.
+    commit protocol; `storage_options` (endpoint, credentials, ...) are passed to fsspec for it. The bucket is
+    checked at the first call that touches it.
     """
 
     def __init__(self, save_dir: str | os.PathLike, save_interval: int = 100, keep_last_n: int | None = 3,
@@ -63,13 +69,8 @@ class CheckpointManager:
             raise TypeError(f"pass either options= or keywords, not both (got {', '.join(sorted(keywords))})")
         self.options = o = options
         self.save_dir = os.fspath(save_dir)
-        if storage.is_url(self.save_dir):  # s3://, gs://, memory://, file://: fsspec, same commit protocol
-            if o.storage_options is not None:
-                storage.configure(self.save_dir, o.storage_options)
-            storage.check_reachable(self.save_dir)
-        elif o.storage_options:
-            raise ValueError(f"storage_options were given but save_dir={self.save_dir!r} is a local path; they "
-                             "apply to URLs (s3://bucket/run, gs://...) only")
+        self.storage: Storage = open_storage(self.save_dir, o.storage_options)
+        self._reachable = False  # the store answered once (a missing bucket: one StorageError, at first use)
         self.save_interval, self.keep_last_n, self.keep_best = o.save_interval, o.keep_last_n, o.keep_best
         self.config = o.config
         self.low_disk_policy, self.async_save, self.on_commit = o.low_disk_policy, o.async_save, o.on_commit
@@ -89,14 +90,13 @@ class CheckpointManager:
         self.preempted = False
         self._warned_loaders = False  # accelerate loaders without resumable order: warned once
         self._preemption = PreemptionHandler(o.preemption_signals) if o.enable_preemption_handling else None
-        if self._preemption is not None:
-            self._preemption.install()
-        configure_logging(o.verbose)
+        self._logging_set = False
 
     # -- the seed guide's API ---------------------------------------------------------------------
     def should_save(self, step: int, force: bool = False) -> bool:
         """The one place that decides whether a save happens at `step`: forced, periodic, or because a
         preemption signal reached any rank (then `self.preempted` is True on every rank)."""
+        self.install_preemption_handlers()
         if self._preemption is not None and not self.preempted:
             with self._failures_named(f"preemption agreement at step {step}"):
                 self.preempted = agree(self._preemption.requested, self._group.group)
@@ -113,17 +113,31 @@ class CheckpointManager:
         a live holder), and refuse (CheckpointExistsError) when save_dir holds a checkpoint at a higher step
         than `resume_from` (the checkpoint this run resumes; None: a fresh run from step 0). Raises
         StorageError or SaveDirLockedError otherwise, the same on every rank, before anything is written."""
+        self._set_logging()
+        self.install_preemption_handlers()
         start = None if resume_from is None else os.fspath(resume_from)
 
         def claim() -> None:
-            run_start.check_no_newer(self.save_dir, start)  # first: a refused run leaves no trace, not even a lock
-            self._take_lock()
+            self._check_reachable()
+            step = 0 if start is None else layout.inspect_dir(open_storage(start), start).step
+            run_start.check_no_newer(self.storage, self.save_dir, start, step)  # first: a refused run leaves
+            self._take_lock()                                                  # no trace, not even a lock
         self._group.run_on_rank0(claim)
+
+    def install_preemption_handlers(self) -> None:
+        """Install the flag-setting signal handlers now (idempotent; nothing without
+        enable_preemption_handling). start_run(), should_save() and save_checkpoint() call it."""
+        if self._preemption is not None and not self._preemption.installed:
+            self._preemption.install()
 
     def find_latest_checkpoint(self, checkpoint_dir: str | os.PathLike | None = None) -> str | None:
         """Path of the complete checkpoint with the highest step (ties: newest timestamp) whose files all
         match their content hashes, or None. Damaged newer ones are skipped with a warning naming the file."""
-        info = integrity.latest_verified(os.fspath(checkpoint_dir or self.save_dir))
+        where = os.fspath(checkpoint_dir or self.save_dir)
+        store = self.storage if where == self.save_dir else open_storage(where)
+        if store is self.storage:
+            self._check_reachable()
+        info = integrity.latest_verified(store, where)
         return info.path if info else None
 
     def save_checkpoint(self, state: dict[str, Any], step: int, epoch: int = 0, is_best: bool = False,
@@ -141,6 +155,8 @@ class CheckpointManager:
         """
         t0 = time.perf_counter()
         artifacts_mod.check(extra_artifacts)
+        self._set_logging()
+        self.install_preemption_handlers()
         self.wait()
         path = os.path.join(self.save_dir, layout.checkpoint_name(kind, step, epoch))
         with self._failures_named(f"save of step {step} to {path}"):
@@ -189,25 +205,27 @@ class CheckpointManager:
         as constructed and out of the returned dict. Both are logged.
         """
         per_rank.validate_policy(per_rank_policy)
+        self._set_logging()
         self.wait()
         path = self._resolve(checkpoint_path)
+        store = self._store_of(path)
         state_dir = os.path.join(path, layout.STATE_DIR)
-        meta = dcp_io.read_metadata(state_dir)
-        committed = storage.read_json(os.path.join(path, layout.METADATA_FILE))  # _resolve checked it
+        meta = dcp_io.read_metadata(store, state_dir)
+        committed = store.read_json(os.path.join(path, layout.METADATA_FILE))  # _resolve checked it
         if state is None:
             loaded = dcp_io.template_from_metadata(meta, None, map_location)
-            dcp_io.load(loaded, state_dir, self._group.group)
+            dcp_io.load(store, loaded, state_dir, self._group.group)
         else:
             live = live_state.split(state)
             saved_world = committed.get("world_size")
             loaded, rank_plan = live_state.build_template(
                 live, meta, map_location, saved_world=saved_world if isinstance(saved_world, int) else -1,
                 rank=rank(), world=world_size(), per_rank_policy=per_rank_policy)
-            dcp_io.load(loaded, state_dir, self._group.group)
+            dcp_io.load(store, loaded, state_dir, self._group.group)
             live_state.restore(live, loaded, rank_plan)
             self._report_resharding(committed, rank_plan)
         self.loaded_metadata = committed
-        self._restore_history(path)
+        self._restore_history(store, path)
         logger.info("Loaded checkpoint: %s (step %s, epoch %s)", path,
                     self.loaded_metadata.get("step"), self.loaded_metadata.get("epoch"))
         return loaded
@@ -257,7 +275,7 @@ class CheckpointManager:
     def _write_and_commit(self, payload: dict, extras: dict, path: str, commit_args: dict, group: CommitGroup,
                           t0: float) -> None:
         """The protocol's write and commit (commit.py), then retention and the log line on rank 0."""
-        size = commit.write_and_commit(payload, extras, path, commit_args, group, self.save_dir)
+        size = commit.write_and_commit(self.storage, payload, extras, path, commit_args, group, self.save_dir)
         self._last_bytes = size
         if rank() == 0:
             self._apply_retention(protect=path)
@@ -266,7 +284,7 @@ class CheckpointManager:
                 self.on_commit(path)
 
     def _failures_named(self, what: str):
-        return commit.failures_named(what, self.save_dir, self._group.timeout_s)
+        return commit.failures_named(what, self.storage, self.save_dir, self._group.timeout_s)
 
     def _prepare_target(self, path: str, kind: str) -> str:
         """Rank 0, before a save: the lock, then commit.prepare (leftover incomplete directories are cleaned
@@ -277,26 +295,44 @@ class CheckpointManager:
             if not self._cleaned_at_start:
                 self._apply_retention(complete_too=False)
                 self._cleaned_at_start = True
-        return commit.prepare(path, kind, save_dir=self.save_dir, last_bytes=self._last_bytes,
+        return commit.prepare(self.storage, path, kind, save_dir=self.save_dir, last_bytes=self._last_bytes,
                               low_disk_policy=self.low_disk_policy, before_first_write=clean_leftovers)
 
     def _relabel_as_final(self, path: str, extras: dict, commit_args: dict) -> None:
-        commit.relabel_as_final(path, extras, commit_args, self.save_dir)
+        commit.relabel_as_final(self.storage, path, extras, commit_args, self.save_dir)
         if self.on_commit is not None:
             self.on_commit(path)
 
     def _take_lock(self) -> None:
         """Rank 0: this manager's share of the save_dir lock, once save_dir is known to be writable."""
         if self._lock is None:
-            run_start.check_writable(self.save_dir)
-            self._lock = savedir_lock.acquire(self.save_dir, owner=self, wait_s=self.lock_wait_s)
+            self.storage.check_writable(self.save_dir)
+            self._reachable = True
+            self._lock = savedir_lock.acquire(self.storage, self.save_dir, owner=self, wait_s=self.lock_wait_s)
+
+    def _check_reachable(self) -> None:
+        """Once: a missing bucket or a dead endpoint is one StorageError naming the URL, not a listing error."""
+        if not self._reachable:
+            self.storage.check_reachable(self.save_dir)
+            self._reachable = True
+
+    def _set_logging(self) -> None:
+        """Once, at the first call that saves or loads: the `dcp_resume` log level that `verbose` asks for."""
+        if not self._logging_set:
+            configure_logging(self.options.verbose)
+            self._logging_set = True
+
+    def _store_of(self, path: str) -> Storage:
+        """save_dir's store for paths in it, else the store of that path (a checkpoint named elsewhere)."""
+        return self.storage if path == self.save_dir or path.startswith(self.save_dir.rstrip("/") + "/") \
+            else open_storage(path)
 
     def _apply_retention(self, complete_too: bool = True, protect: str | None = None) -> None:
-        infos = layout.list_checkpoints(self.save_dir)
+        infos = layout.list_checkpoints(self.storage, self.save_dir)
         for info in plan_removals(infos, self.keep_last_n if complete_too else None, self.keep_best, protect):
             why = "retention" if info.complete else f"incomplete: {info.reason}"
             logger.info("Removing checkpoint %s (%s)", info.path, why)
-            storage.remove_tree(info.path)
+            self.storage.remove_tree(info.path)
 
     def _resolve(self, checkpoint_path) -> str:
         """The checkpoint to load, chosen on rank 0 and shared, with the seed guide's messages."""
@@ -308,27 +344,28 @@ class CheckpointManager:
                     "directories (ones with a valid metadata.json)")
             return found
         path = os.fspath(checkpoint_path)
-        if storage.is_link(path):  # a path the user named (e.g. runs/latest -> step_900): follow it, once
+        store = self._store_of(path)
+        if store.is_link(path):  # a path the user named (e.g. runs/latest -> step_900): follow it, once
             path = os.path.realpath(path)
-        if storage.isfile(path):
+        if store.isfile(path):
             raise CheckpointNotFoundError(f"Checkpoint path is a file, not a checkpoint directory: {path}")
-        if not storage.isdir(path):
+        if not store.isdir(path):
             raise CheckpointNotFoundError(f"Checkpoint path does not exist: {path}")
-        if not storage.exists(os.path.join(path, layout.METADATA_FILE)) and layout.list_checkpoints(path):
+        if not store.exists(os.path.join(path, layout.METADATA_FILE)) and layout.list_checkpoints(store, path):
             raise CheckpointNotFoundError(
                 f"{path} is a save_dir, not a checkpoint; name one of its step_*/epoch* directories, or "
                 "resume from the latest with --auto_resume --save_dir " + path)
         state_dir = os.path.join(path, layout.STATE_DIR)
-        if not storage.listdir(state_dir):
+        if not store.listdir(state_dir):
             raise CheckpointNotFoundError(
                 f"State file not found: {state_dir} is missing or empty; the save was interrupted or this "
                 "is not a dcp-resume checkpoint. List complete ones with `dcp-resume ls <save_dir>`")
-        info = layout.inspect_dir(path)
+        info = layout.inspect_dir(store, path)
         if not info.complete:
             raise IncompleteCheckpointError(
                 f"{path} is not a complete checkpoint ({info.reason}); it was never committed or has lost "
                 "files. Resume from a complete one (`dcp-resume ls <save_dir>`)")
-        self._group.run_on_rank0(lambda: integrity.check(info))  # hashes; no fallback for an explicit path
+        self._group.run_on_rank0(lambda: integrity.check(store, info))  # hashes; no fallback for an explicit path
         return path
 
     def _warn_unresumable_loaders(self, state: dict[str, Any]) -> None:
@@ -356,10 +393,10 @@ class CheckpointManager:
             logger.warning("%s: per-rank state %s has no owner here and was left as constructed (RNG streams keep "
                            "this process's seeding)", change, ", ".join(rank_plan.fresh))
 
-    def _restore_history(self, path: str) -> None:
+    def _restore_history(self, store: Storage, path: str) -> None:
         """training_stats.json of the loaded checkpoint, as `loaded_training_stats` (None when unreadable)."""
         try:
-            stats = storage.read_json(os.path.join(path, layout.STATS_FILE))
+            stats = store.read_json(os.path.join(path, layout.STATS_FILE))
         except (OSError, ValueError):
             stats = None
         self.loaded_training_stats = stats

@@ -29,6 +29,7 @@ class PreemptionHandler:
     def __init__(self, signals=DEFAULT_SIGNALS):
         self.signals = tuple(signals)
         self.received: int | None = None
+        self.installed = False  # install() ran (once; outside the main thread it only warned)
         self._previous: dict[int, object] = {}
 
     @property
@@ -36,9 +37,10 @@ class PreemptionHandler:
         return self.received is not None
 
     def install(self) -> None:
+        self.installed = True
         if threading.current_thread() is not threading.main_thread():
-            logger.warning("preemption handling not installed: CheckpointManager was built outside the main "
-                           "thread, where Python cannot set signal handlers")
+            logger.warning("preemption handling not installed: the CheckpointManager was first used outside "
+                           "the main thread, where Python cannot set signal handlers")
             return
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)

@@ -28,10 +28,10 @@ from typing import Any
 
 import psutil
 
-from . import storage
 from .errors import SaveDirLockedError
 from .layout import utc_now_iso
 from .logs import logger
+from .storage import Storage
 
 LOCK_FILE = ".dcp-resume.lock"
 _UNREADABLE_GRACE_S = 5.0  # an empty/garbage lock younger than this may be mid-write by its creator
@@ -43,8 +43,8 @@ _mutex = threading.Lock()
 class SaveDirLock:
     """This manager's share of the lock; release() is idempotent."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, store: Storage, path: str):
+        self.store, self.path = store, path
         self._released = False
 
     def release(self) -> None:
@@ -59,18 +59,18 @@ class SaveDirLock:
             if entry[0] > 0:
                 return
             del _held[self.path]
-            if _read(self.path) == entry[1]:  # still ours: not taken over or removed by hand meanwhile
-                storage.remove_file(self.path)
+            if _read(self.store, self.path) == entry[1]:  # still ours: not taken over or removed by hand
+                self.store.remove_file(self.path)
 
 
-def acquire(save_dir: str, owner: Any = None, wait_s: float = 0.0) -> SaveDirLock:
+def acquire(store: Storage, save_dir: str, owner: Any = None, wait_s: float = 0.0) -> SaveDirLock:
     """Take (or share, within this process) the save_dir's lock, or raise SaveDirLockedError. A live holder
     is waited for up to `wait_s` seconds (a short one, such as `dcp-resume prune`, is then let finish). With
     `owner`, the share is also released when the owner is garbage-collected or the interpreter exits unclosed."""
     deadline, waiting = time.monotonic() + wait_s, False
     while True:
         try:
-            lock = _acquire(save_dir)
+            lock = _acquire(store, save_dir)
             break
         except SaveDirLockedError as e:
             left = deadline - time.monotonic()
@@ -85,27 +85,27 @@ def acquire(save_dir: str, owner: Any = None, wait_s: float = 0.0) -> SaveDirLoc
     return lock
 
 
-def _acquire(save_dir: str) -> SaveDirLock:
-    storage.makedirs(save_dir)
-    path = os.path.join(storage.backend(save_dir).identity(save_dir), LOCK_FILE)
+def _acquire(store: Storage, save_dir: str) -> SaveDirLock:
+    store.makedirs(save_dir)
+    path = os.path.join(store.identity(save_dir), LOCK_FILE)
     with _mutex:
         entry = _held.get(path)
-        if entry is not None and _read(path) == entry[1]:
+        if entry is not None and _read(store, path) == entry[1]:
             entry[0] += 1
-            return SaveDirLock(path)
+            return SaveDirLock(store, path)
         for _ in range(100):
             mine = {"host": socket.gethostname(), "pid": os.getpid(), "start_time": utc_now_iso()}
-            if _create(path, mine):
+            if store.create_exclusive(path, (json.dumps(mine, sort_keys=True) + "\n").encode()):
                 # (managers of this process whose file was removed meanwhile share the new one)
                 _held[path] = [entry[0] + 1 if entry is not None else 1, mine]
-                return SaveDirLock(path)
-            holder, raw = _read_holder(path)
+                return SaveDirLock(store, path)
+            holder, raw = _read_holder(store, path)
             if raw is None:
                 continue  # released meanwhile: try again
-            why = _stale(holder, path)
+            why = _stale(store, holder, path)
             if why is None:
                 raise SaveDirLockedError(_refusal(save_dir, path, holder))
-            if _remove_if_unchanged(path, raw):
+            if _remove_if_unchanged(store, path, raw):
                 logger.warning("Taking over stale lock %s: %s", path, why)
             else:
                 time.sleep(0.05)  # another process is taking it over: see who won
@@ -113,19 +113,15 @@ def _acquire(save_dir: str) -> SaveDirLock:
                              "changing it")
 
 
-def _create(path: str, content: dict[str, Any]) -> bool:
-    return storage.create_exclusive(path, (json.dumps(content, sort_keys=True) + "\n").encode())
-
-
-def _read_raw(path: str) -> bytes | None:
+def _read_raw(store: Storage, path: str) -> bytes | None:
     try:
-        return storage.read_bytes(path)
+        return store.read_bytes(path)
     except FileNotFoundError:
         return None
 
 
-def _read(path: str) -> dict[str, Any] | None:
-    raw = _read_raw(path)
+def _read(store: Storage, path: str) -> dict[str, Any] | None:
+    raw = _read_raw(store, path)
     try:
         obj = json.loads(raw) if raw else None
     except ValueError:
@@ -133,23 +129,23 @@ def _read(path: str) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _read_holder(path: str) -> tuple[dict[str, Any] | None, bytes | None]:
+def _read_holder(store: Storage, path: str) -> tuple[dict[str, Any] | None, bytes | None]:
     """(parsed content or None, raw bytes or None when the file is gone), waiting briefly for a creator
     that has not written its content yet."""
     deadline = time.monotonic() + 0.5
     while True:
-        raw = _read_raw(path)
-        holder = _read(path) if raw else None
+        raw = _read_raw(store, path)
+        holder = _read(store, path) if raw else None
         if raw is None or holder is not None or time.monotonic() > deadline:
             return holder, raw
         time.sleep(0.05)
 
 
-def _stale(holder: dict[str, Any] | None, path: str) -> str | None:
+def _stale(store: Storage, holder: dict[str, Any] | None, path: str) -> str | None:
     """Why the lock's holder is gone, or None when it may be alive."""
     if holder is None:
         try:
-            age = time.time() - storage.mtime(path)
+            age = time.time() - store.mtime(path)
         except FileNotFoundError:
             return "it was removed"
         return f"it holds no readable owner and is {age:.0f} s old" if age > _UNREADABLE_GRACE_S else None
@@ -181,23 +177,23 @@ def _parse_time(ts: Any) -> float | None:
         return None
 
 
-def _remove_if_unchanged(path: str, stale_raw: bytes) -> bool:
+def _remove_if_unchanged(store: Storage, path: str, stale_raw: bytes) -> bool:
     """Remove the stale lock, under a guard, only if it still holds `stale_raw`. False: someone else is at it."""
     guard = path + ".takeover"
-    if not storage.create_exclusive(guard, b""):
+    if not store.create_exclusive(guard, b""):
         try:
-            if time.time() - storage.mtime(guard) > _UNREADABLE_GRACE_S:
-                storage.remove_file(guard)  # left by a process that died mid-takeover
+            if time.time() - store.mtime(guard) > _UNREADABLE_GRACE_S:
+                store.remove_file(guard)  # left by a process that died mid-takeover
         except FileNotFoundError:
             pass
         return False
     try:
-        if _read_raw(path) != stale_raw:
+        if _read_raw(store, path) != stale_raw:
             return False
-        storage.remove_file(path)
+        store.remove_file(path)
         return True
     finally:
-        storage.remove_file(guard)
+        store.remove_file(guard)
 
 
 def _refusal(save_dir: str, path: str, holder: dict[str, Any] | None) -> str:

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
-from . import dcp_io, layout, storage
+from . import dcp_io, hashing, layout
 from .errors import CorruptCheckpointError, UnsafeCheckpointError
+from .storage import Storage
 
 STATUSES = ("ok", "bad", "incomplete")  # incomplete: an interrupted save (no metadata.json), never loaded
 
@@ -28,17 +29,18 @@ class Report:
     files: int = 0  # files metadata.json lists
     bytes: int = 0  # their recorded sizes
     shards: int = 0  # *.distcp files DCP's index reads
-    unhashed: int = 0  # listed files without a recorded hash (checked by size only)
+    unhashed: int = 0  # listed files without a hash known here (checked by size only)
+    unknown_hashes: set[str] = field(default_factory=set)  # hash keys recorded that this version does not know
 
     def add(self, rel: str, problem: str) -> None:
         self.problems.setdefault(rel, []).append(problem)
         self.status = "bad"
 
 
-def verify_checkpoint(path: str, quick: bool = False) -> Report:
+def verify_checkpoint(store: Storage, path: str, quick: bool = False) -> Report:
     """Check sizes (and, unless quick, content hashes) of every listed file, then DCP coverage of state/."""
     report = Report(path)
-    info = layout.inspect_dir(path)
+    info = layout.inspect_dir(store, path)
     present = info.on_disk  # one listing: every file under the checkpoint and its size
     if layout.METADATA_FILE not in present and info.reason == layout.NO_COMMIT:
         report.status, report.note = "incomplete", layout.NO_COMMIT
@@ -51,12 +53,12 @@ def verify_checkpoint(path: str, quick: bool = False) -> Report:
         report.add(layout.METADATA_FILE, info.reason)
     report.files, report.bytes = len(files), layout.listed_bytes(files)
     for rel, entry in sorted(files.items()):
-        _check_file(report, rel, entry if isinstance(entry, dict) else {}, present.get(rel), quick)
-    _check_dcp_coverage(report, set(files), present)
+        _check_file(store, report, rel, entry if isinstance(entry, dict) else {}, present.get(rel), quick)
+    _check_dcp_coverage(store, report, set(files), present)
     return report
 
 
-def _check_file(report: Report, rel: str, entry: dict, size: int | None, quick: bool) -> None:
+def _check_file(store: Storage, report: Report, rel: str, entry: dict, size: int | None, quick: bool) -> None:
     if not layout._safe_relpath(rel):
         report.add(rel, "listed in metadata.json with a path outside the checkpoint")
         return
@@ -66,34 +68,35 @@ def _check_file(report: Report, rel: str, entry: dict, size: int | None, quick: 
     if size != entry.get("size"):
         report.add(rel, f"size mismatch: the file is {size} bytes, metadata.json says {entry.get('size')}")
         return
-    want = entry.get(storage.HASH_KEY)
-    if want is None:
+    found = hashing.recorded(entry)
+    if found is None:
         report.unhashed += 1
+        report.unknown_hashes.update(hashing.unknown_keys(entry))
         return
     if quick:
         return
+    algorithm, want = found
     try:
-        _, got = storage.file_hash(os.path.join(report.path, rel))
+        _, got = hashing.file_digest(store, os.path.join(report.path, rel), algorithm)
     except OSError as e:
         report.add(rel, f"unreadable ({e.strerror or e})")
         return
     if got != want:
-        report.add(rel, f"content hash mismatch ({storage.HASH_KEY} of the file is {got}, metadata.json "
-                        f"records {want})")
+        report.add(rel, f"content hash mismatch ({algorithm} of the file is {got}, metadata.json records {want})")
 
 
-def dcp_problem(info: layout.CheckpointInfo) -> str | None:
+def dcp_problem(store: Storage, info: layout.CheckpointInfo) -> str | None:
     """The first problem of a complete checkpoint's state/ against DCP's index (unsafe or unreadable
     .metadata, shards outside state/ or missing, truncated, unlisted), as '<file>: <what>'; None if none."""
     report = Report(info.path)
     files = info.meta.get("files")
-    _check_dcp_coverage(report, set(files) if isinstance(files, dict) else set(), info.on_disk)
+    _check_dcp_coverage(store, report, set(files) if isinstance(files, dict) else set(), info.on_disk)
     for rel, problems in sorted(report.problems.items()):
         return f"{rel}: {problems[0]}"
     return None
 
 
-def _check_dcp_coverage(report: Report, listed: set[str], present: dict[str, int]) -> None:
+def _check_dcp_coverage(store: Storage, report: Report, listed: set[str], present: dict[str, int]) -> None:
     state = layout.STATE_DIR + "/"
     index_rel = state + dcp_io.DCP_METADATA
     in_state = {rel[len(state):]: size for rel, size in present.items() if rel.startswith(state)}
@@ -105,7 +108,7 @@ def _check_dcp_coverage(report: Report, listed: set[str], present: dict[str, int
             report.add(index_rel, "missing: DCP's index of the shards")
         return
     try:
-        meta = dcp_io.read_metadata(os.path.join(report.path, layout.STATE_DIR))
+        meta = dcp_io.read_metadata(store, os.path.join(report.path, layout.STATE_DIR))
     except (CorruptCheckpointError, UnsafeCheckpointError, OSError) as e:
         report.add(index_rel, str(e))
         return

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from dcp_resume.storage import is_url, options_from_json
+from dcp_resume.storage import open_storage, options_from_json
 
 from .model import COMPRESSIONS
 
@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--keep_last_n {args.keep_last_n}: must be >= 1")
     if args.auto_resume and args.resume_from:
         parser.error("--auto_resume and --resume_from both given; pick one")
-    if args.storage_options is not None and not is_url(args.save_dir):
+    if args.storage_options is not None and not open_storage(args.save_dir).remote:
         parser.error(f"--storage_options apply to a URL --save_dir (s3://...), not the local path {args.save_dir}")
     if args.reset_epoch and not (args.auto_resume or args.resume_from):
         parser.error("--reset_epoch only makes sense with --resume_from PATH (or --auto_resume)")

@@ -19,7 +19,8 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from dcp_resume import PREEMPTED_EXIT_CODE, ExperimentCheckpointer, StorageError, storage  # noqa: E402
+from dcp_resume import PREEMPTED_EXIT_CODE, ExperimentCheckpointer, StorageError  # noqa: E402
+from dcp_resume.storage import open_storage  # noqa: E402
 from dcp_resume.preemption import exit_preempted  # noqa: E402
 from dcp_resume.rng import RNGState  # noqa: E402
 from dcp_resume.sampler import ResumableSampler  # noqa: E402
@@ -102,7 +103,7 @@ class Experiment:
         print("phase evaluate")
         results = self.evaluate()
         os.makedirs(a.save_dir, exist_ok=True)
-        storage.commit_json_atomically(self.results_path, results)
+        open_storage(self.results_path).commit_json_atomically(self.results_path, results)
         print(f"Wrote {self.results_path}: " + ", ".join(f"{k} loss {v['loss']:.4f} acc {v['accuracy']:.3f}"
                                                           for k, v in results["lms"].items()))
         return 0

@@ -26,8 +26,8 @@ from dcp_resume import (  # noqa: E402
     StorageError,
     exit_preempted,
     rank_failures_named,
-    storage,
 )
+from dcp_resume.storage import open_storage  # noqa: E402
 from latentwire.args import parse_args  # noqa: E402
 from latentwire.data import collate, load_examples  # noqa: E402
 from latentwire.model import LatentWire, ModelConfig, trainable_state, unwrap  # noqa: E402
@@ -47,9 +47,7 @@ def recorded_config(args) -> dict:
 
 
 def _same_place(a: str, b: str) -> bool:
-    if storage.is_url(a) or storage.is_url(b):
-        return a.rstrip("/") == b.rstrip("/")
-    return os.path.abspath(a) == os.path.abspath(b)
+    return open_storage(a).identity(a) == open_storage(b).identity(b)
 
 
 class Trainer:
@@ -69,7 +67,7 @@ class Trainer:
         # is logged into it or trained: a busy or mismatched save_dir is refused in one sentence at start.
         self.resume_path = self._resume_path()
         self.manager.start_run(None if args.reset_epoch else self.resume_path)  # --reset_epoch: from step 0
-        local_logs = None if storage.is_url(args.save_dir) else os.path.join(args.save_dir, "logs")
+        local_logs = None if self.manager.storage.remote else os.path.join(args.save_dir, "logs")
         self.log = setup_logging(args.log_dir or local_logs, self.rt)
         self.examples = load_examples(args.dataset, args.samples, seed=args.seed)
         self.cfg = ModelConfig(compression=args.compression, **(TINY if args.tiny else {}))

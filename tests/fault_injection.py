@@ -25,6 +25,7 @@ sys.path.insert(0, ROOT)
 
 from dcp_resume import CheckpointManager  # noqa: E402
 from dcp_resume.layout import list_checkpoints  # noqa: E402
+from dcp_resume.storage import open_storage  # noqa: E402
 from helpers import env  # noqa: E402
 from latentwire.demo import COMPARED, command, differences, final_state, kill_tree  # noqa: E402
 
@@ -50,7 +51,7 @@ def check_after_kill(save_dir: str) -> list[str]:
     """Violations: a committed checkpoint that is not complete or does not load; an incomplete pick."""
     problems = []
     mgr = CheckpointManager(save_dir, verbose=False, enable_preemption_handling=False)
-    for info in list_checkpoints(save_dir):
+    for info in list_checkpoints(open_storage(save_dir), save_dir):
         if os.path.exists(os.path.join(info.path, "metadata.json")):
             if not info.complete:
                 problems.append(f"{info.name} has metadata.json but is not complete: {info.reason}")
@@ -92,8 +93,8 @@ def main(argv=None) -> int:
             continue
         kills += 1
         found = check_after_kill(victim)
-        latest = CheckpointManager(victim, verbose=False, enable_preemption_handling=False).find_latest_checkpoint()
-        left = [i.name for i in list_checkpoints(victim) if not i.complete]
+        latest = CheckpointManager(victim).find_latest_checkpoint()  # read-only: no handlers, no lock
+        left = [i.name for i in list_checkpoints(open_storage(victim), victim) if not i.complete]
         print(f"  kill {kills}/{a.count} at {delay:.1f} s: latest {os.path.basename(latest or '-')}, "
               f"incomplete left {left or 'none'}, violations {len(found)}")
         problems += [f"kill {kills}: {x}" for x in found]

@@ -45,11 +45,11 @@ def test_at_most_one_save_in_flight(tmp_path, monkeypatch):
     release, started = threading.Event(), threading.Event()
     real_save = dcp_io.save
 
-    def slow_first(payload, state_dir, group):
+    def slow_first(store, payload, state_dir, group):
         if "step_1" in state_dir:
             started.set()
             assert release.wait(30)
-        real_save(payload, state_dir, group)
+        real_save(store, payload, state_dir, group)
 
     monkeypatch.setattr(dcp_io, "save", slow_first)
     mgr = _manager(tmp_path)

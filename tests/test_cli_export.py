@@ -124,9 +124,9 @@ def test_only_the_exported_tensors_are_read(runs, tmp_path, monkeypatch):
     seen = {}
     real_load = dcp_io.load
 
-    def spy(template, state_dir, group):
+    def spy(store, template, state_dir, group):
         seen.update({k: v.numel() * v.element_size() for k, v in template.items()})
-        real_load(template, state_dir, group)
+        real_load(store, template, state_dir, group)
 
     monkeypatch.setattr(dcp_io, "load", spy)
     done = export_mod.export(os.path.join(runs["fsdp2_ws2"], "step_12"), str(tmp_path / "a.safetensors"),

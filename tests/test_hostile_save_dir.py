@@ -58,16 +58,17 @@ def _bytearray_in_metadata(path):
     checkpoint, not an accident), so only the unpickler's bound stands between it and 2 GiB of memory."""
     import pickle
 
-    from dcp_resume import storage
+    from dcp_resume import hashing
     from dcp_resume.dcp_io import read_metadata
+    from dcp_resume.storage import open_storage
 
     state_dir = os.path.dirname(path)
-    meta = read_metadata(state_dir)
+    meta = read_metadata(open_storage(state_dir), state_dir)
     meta.planner_data = {**(meta.planner_data or {}), "x": _Alloc(2 << 30)}
     open(path, "wb").write(pickle.dumps(meta))
     commit = os.path.join(os.path.dirname(state_dir), "metadata.json")
     files = json.load(open(commit))
-    files["files"]["state/.metadata"] = storage.file_info(path)
+    files["files"]["state/.metadata"] = hashing.file_info(open_storage(path), path)
     json.dump(files, open(commit, "w"))
 
 
@@ -77,14 +78,15 @@ def _rewrite_index(change):
     def damage(path):
         import pickle
 
-        from dcp_resume import storage
+        from dcp_resume import hashing
         from dcp_resume.dcp_io import read_metadata
+        from dcp_resume.storage import open_storage
 
-        meta = read_metadata(os.path.dirname(path))
+        meta = read_metadata(open_storage(path), os.path.dirname(path))
         open(path, "wb").write(pickle.dumps(change(meta, path)))
         commit = os.path.join(os.path.dirname(os.path.dirname(path)), "metadata.json")
         files = json.load(open(commit))
-        files["files"]["state/.metadata"] = storage.file_info(path)
+        files["files"]["state/.metadata"] = hashing.file_info(open_storage(path), path)
         json.dump(files, open(commit, "w"))
     return damage
 

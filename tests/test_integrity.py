@@ -11,7 +11,7 @@ from common import Tiny
 from conftest import run
 from helpers import flip_byte
 
-from dcp_resume import CheckpointManager, IncompleteCheckpointError, storage
+from dcp_resume import CheckpointManager, IncompleteCheckpointError, hashing
 from dcp_resume.errors import CorruptCheckpointError
 
 SHARD = "state/__0_0.distcp"
@@ -75,8 +75,8 @@ def test_damage_is_detected_auto_resume_falls_back_explicit_errors(run_dir, dama
 def test_verification_is_cached_until_a_file_changes(run_dir, monkeypatch):
     # A spy (the real function runs; it is only counted): how often files are hashed cannot be seen otherwise.
     hashed = []
-    real = storage.file_hash
-    monkeypatch.setattr(storage, "file_hash", lambda p: hashed.append(p) or real(p))
+    real = hashing.file_digest
+    monkeypatch.setattr(hashing, "file_digest", lambda store, p, *a: hashed.append(p) or real(store, p, *a))
     mgr = CheckpointManager(run_dir, verbose=False)
     path = mgr.find_latest_checkpoint()
     assert path == str(run_dir / "step_2") and len(hashed) == 4  # every file of step_2, once
@@ -96,9 +96,41 @@ def test_checkpoint_without_hashes_verifies_by_size_with_a_debug_note(run_dir, c
     caplog.set_level("DEBUG", logger="dcp_resume")
     mgr = CheckpointManager(run_dir)  # verbose: debug notes on
     assert mgr.load_checkpoint()["tag"] == "step 2"
-    assert (f"{run_dir / 'step_2'}: 4 file(s) carry no xxh3_64 (written before dcp-resume recorded content "
-            "hashes), checked by size only") in caplog.text
+    assert (f"{run_dir / 'step_2'}: 4 file(s) carry no content hash (written before dcp-resume recorded them), "
+            "checked by size only") in caplog.text
     assert "Skipping" not in caplog.text
+
+
+def test_a_hash_this_version_does_not_know_is_said_not_silently_skipped(run_dir, caplog):
+    meta_path = run_dir / "step_2" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["files"] = {rel: {"size": info["size"], "blake9": "00"} for rel, info in meta["files"].items()}
+    meta_path.write_text(json.dumps(meta))
+    caplog.set_level("WARNING", logger="dcp_resume")
+    assert CheckpointManager(run_dir).load_checkpoint()["tag"] == "step 2"
+    assert (f"{run_dir / 'step_2'}: 4 file(s) carry only hashes this dcp-resume does not know (blake9), checked by "
+            "size only: upgrade dcp-resume to check their contents") in caplog.text
+    verify = run([sys.executable, "-m", "dcp_resume.cli", "verify", str(run_dir / "step_2")])
+    assert ("4 without a recorded hash checked by size (they record blake9, unknown to this dcp-resume: upgrade it "
+            "to check their contents)") in verify.stdout
+
+
+def test_changing_the_recorded_hash_keeps_old_checkpoints_checked_by_content(run_dir, monkeypatch):
+    """The registry is keyed by metadata.json's key: after a switch of the algorithm new saves record, a
+    checkpoint that records xxh3_64 is still checked by its bytes, not downgraded to sizes."""
+    monkeypatch.setitem(hashing.ALGORITHMS, "xxh128", xxhash.xxh3_128)
+    monkeypatch.setattr(hashing, "RECORDED", "xxh128")
+    mgr = CheckpointManager(run_dir, keep_last_n=None, verbose=False)
+    mgr.save_checkpoint({"model": Tiny(), "tag": "step 3"}, step=3)
+    mgr.close()
+    new = json.loads((run_dir / "step_3" / "metadata.json").read_text())["files"][SHARD]
+    assert set(new) == {"size", "xxh128"} and len(new["xxh128"]) == 32
+    flip_byte(run_dir / "step_2" / SHARD)
+    with pytest.raises(CorruptCheckpointError, match=f"{SHARD} content hash mismatch \\(xxh3_64 of the file"):
+        CheckpointManager(run_dir).load_checkpoint(str(run_dir / "step_2"))
+    flip_byte(run_dir / "step_3" / SHARD)
+    with pytest.raises(CorruptCheckpointError, match=f"{SHARD} content hash mismatch \\(xxh128 of the file"):
+        CheckpointManager(run_dir).load_checkpoint(str(run_dir / "step_3"))
 
 
 def test_saving_over_a_corrupt_checkpoint_replaces_it(run_dir, caplog):

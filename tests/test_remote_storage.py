@@ -157,9 +157,11 @@ def test_second_writer_on_the_same_bucket_prefix_is_refused(s3):
 
 
 def test_bad_url_or_missing_bucket_is_one_clear_error(s3, tmp_path):
-    with pytest.raises(StorageError, match=r"save_dir s3://no-such-bucket/run: bucket no-such-bucket does not "
-                                           r"exist or these credentials cannot see it"):
-        CheckpointManager("s3://no-such-bucket/run")
+    mgr = CheckpointManager("s3://no-such-bucket/run")  # no I/O when built: the bucket is checked at first use
+    for first_use in (mgr.start_run, mgr.find_latest_checkpoint, lambda: mgr.save_checkpoint({"w": 1}, step=1)):
+        with pytest.raises(StorageError, match=r"save_dir s3://no-such-bucket/run: bucket no-such-bucket does not "
+                                               r"exist or these credentials cannot see it"):
+            first_use()
     with pytest.raises(StorageError, match=r"save_dir nosuchscheme://x/run: cannot open this URL \(Protocol not "
                                            r"known: nosuchscheme\)"):
         CheckpointManager("nosuchscheme://x/run")

@@ -19,7 +19,8 @@ from common import Tiny, make_training, train_steps
 from conftest import run
 from trainer_runs import TRAIN
 
-from dcp_resume import CheckpointManager, dcp_io, storage
+from dcp_resume import CheckpointManager, dcp_io, hashing
+from dcp_resume.storage import open_storage
 from dcp_resume.errors import CheckpointNotFoundError, UnsafeCheckpointError
 
 REFUSED = "that dcp-resume will not load: unpickling it could run code"
@@ -42,13 +43,13 @@ def resign(ckpt):
     """What an attacker does after editing files: record their new sizes and hashes in metadata.json."""
     meta_path = ckpt / "metadata.json"
     meta = json.loads(meta_path.read_text())
-    meta["files"] = {rel: storage.file_info(str(ckpt / rel)) for rel in meta["files"]}
+    meta["files"] = {rel: hashing.file_info(open_storage(ckpt), str(ckpt / rel)) for rel in meta["files"]}
     meta_path.write_text(json.dumps(meta))
 
 
 def with_hostile_metadata(ckpt, marker):
     """Put the payload inside the checkpoint's real DCP .metadata (planner_data, which plain DCP unpickles)."""
-    md = dcp_io.read_metadata(str(ckpt / "state"))  # our own fresh file
+    md = dcp_io.read_metadata(open_storage(ckpt), str(ckpt / "state"))  # our own fresh file
     md.planner_data["payload"] = Payload(marker)
     (ckpt / "state" / ".metadata").write_bytes(__import__("pickle").dumps(md))
     resign(ckpt)

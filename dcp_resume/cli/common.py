@@ -1,5 +1,5 @@
 """What every `dcp-resume` command shares: exit codes, the one-line usage error, the argument parser, and the
-checks of path arguments (plain paths or URLs, through storage)."""
+checks of path arguments (plain paths or URLs, through the command's Storage)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,8 @@ import contextlib
 import logging
 import os
 
-from .. import layout, storage
+from .. import layout
+from ..storage import Storage, options_from_json
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -37,7 +38,7 @@ def subparser(sub, name: str, help: str, epilog: str) -> Parser:
 
 def json_object(text: str) -> dict:
     try:
-        return storage.options_from_json(text)
+        return options_from_json(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -53,34 +54,34 @@ def positive_int(text: str) -> int:
     return value
 
 
-# -- argument paths (plain paths or URLs, through storage) -------------------------------------------------
-def _directory(path: str, what: str, hint: str) -> str:
-    if not storage.exists(path):
+# -- argument paths (plain paths or URLs, through the command's Storage) -----------------------------------
+def _directory(store: Storage, path: str, what: str, hint: str) -> str:
+    if not store.exists(path):
         raise UsageError(f"{what} {path} does not exist; {hint}")
-    if not storage.isdir(path):
+    if not store.isdir(path):
         raise UsageError(f"{what} {path} is a file, not a directory; {hint}")
     return path
 
 
-def is_checkpoint(path: str) -> bool:
+def is_checkpoint(store: Storage, path: str) -> bool:
     """A checkpoint directory (complete or not) rather than a save_dir."""
-    return bool(layout.CHECKPOINT_NAME.match(storage.basename(path))) or \
-        storage.isfile(os.path.join(path, layout.METADATA_FILE)) or storage.isdir(os.path.join(path, layout.STATE_DIR))
+    return bool(layout.CHECKPOINT_NAME.match(store.basename(path))) or \
+        store.isfile(os.path.join(path, layout.METADATA_FILE)) or store.isdir(os.path.join(path, layout.STATE_DIR))
 
 
-def save_dir_arg(path: str) -> str:
-    _directory(path, "SAVE_DIR", SAVE_DIR_HINT)
-    if is_checkpoint(path):
+def save_dir_arg(store: Storage, path: str) -> str:
+    _directory(store, path, "SAVE_DIR", SAVE_DIR_HINT)
+    if is_checkpoint(store, path):
         parent = path.rstrip("/").rpartition("/")[0] or "."
         raise UsageError(f"SAVE_DIR {path} is a checkpoint, not a save_dir; pass the directory that holds it "
                          f"({parent})")
     return path
 
 
-def checkpoint_arg(path: str) -> str:
-    _directory(path, "PATH", CHECKPOINT_HINT)
-    if not is_checkpoint(path):
-        newest = layout.latest_complete(path)
+def checkpoint_arg(store: Storage, path: str) -> str:
+    _directory(store, path, "PATH", CHECKPOINT_HINT)
+    if not is_checkpoint(store, path):
+        newest = layout.latest_complete(store, path)
         if newest is None:
             raise UsageError(f"PATH {path} is not a checkpoint directory; {CHECKPOINT_HINT}")
         raise UsageError(f"PATH {path} is a save_dir, not a checkpoint; name one of its checkpoints, e.g. "
@@ -88,10 +89,8 @@ def checkpoint_arg(path: str) -> str:
     return path
 
 
-def any_dir_arg(path: str) -> str:
-    return _directory(path, "PATH", "pass a checkpoint directory or a save_dir")
-
-
+def any_dir_arg(store: Storage, path: str) -> str:
+    return _directory(store, path, "PATH", "pass a checkpoint directory or a save_dir")
 
 
 @contextlib.contextmanager

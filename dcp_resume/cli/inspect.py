@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import os
 
-from .. import dcp_io, inspection, layout, storage
+from .. import dcp_io, inspection, layout
+from ..storage import Storage
 from .common import EXIT_OK, checkpoint_arg, subparser
 from .table import human_bytes, render, utc_time
 
@@ -30,9 +31,9 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _config(path: str) -> dict | None:
+def _config(store: Storage, path: str) -> dict | None:
     try:
-        config = storage.read_json(os.path.join(path, layout.CONFIG_FILE))
+        config = store.read_json(os.path.join(path, layout.CONFIG_FILE))
     except (OSError, ValueError):
         return None
     return config if isinstance(config, dict) else None
@@ -51,7 +52,7 @@ def _number(v) -> str:
 def _summary(path: str, meta: dict, listed: int, listed_bytes: int, config: dict | None) -> list[str]:
     metrics = " ".join(f"{k}={_number(v)}" for k, v in (meta.get("metrics") or {}).items()) or "-"
     return [
-        f"{storage.basename(path)}: {meta.get('kind')} checkpoint at step {meta.get('step')}, "
+        f"{Storage.basename(path)}: {meta.get('kind')} checkpoint at step {meta.get('step')}, "
         f"epoch {meta.get('epoch')} ({path})",
         f"  time         {utc_time(meta.get('timestamp'))} UTC",
         f"  world size   {meta.get('world_size')}",
@@ -82,12 +83,13 @@ def _tree_rows(node: inspection.Node, depth: int, max_depth: int, indent: str, r
 
 
 def run(args) -> int:
-    path = checkpoint_arg(args.path)
-    info = layout.inspect_dir(path)
+    store = args.store
+    path = checkpoint_arg(store, args.path)
+    info = layout.inspect_dir(store, path)
     files = info.meta.get("files") if isinstance(info.meta.get("files"), dict) else {}
     listed_bytes = layout.listed_bytes(files)
-    config = _config(path)
-    items = inspection.items(dcp_io.read_metadata(os.path.join(path, layout.STATE_DIR)))
+    config = _config(store, path)
+    items = inspection.items(dcp_io.read_metadata(store, os.path.join(path, layout.STATE_DIR)))
     if args.json:
         print(json.dumps({"path": path, "complete": info.complete, "reason": info.reason, "metadata": info.meta,
                           "files": {"count": len(files), "bytes": listed_bytes}, "config": config,
@@ -96,7 +98,7 @@ def run(args) -> int:
     if info.meta:
         lines = _summary(path, info.meta, len(files), listed_bytes, config)
     else:
-        lines = [f"{storage.basename(path)}: uncommitted checkpoint ({path})"]
+        lines = [f"{Storage.basename(path)}: uncommitted checkpoint ({path})"]
     if not info.complete:
         lines.insert(1, f"  INCOMPLETE   {info.reason}")
     tree = inspection.key_tree(items)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import sys
 
-from .. import integrity, layout, storage
+from .. import integrity, layout
+from ..storage import Storage
 from .common import EXIT_FAILED, EXIT_OK, engine_quiet, save_dir_arg, subparser
 from .table import human_bytes, render, utc_time
 
@@ -44,20 +45,20 @@ def register(sub) -> None:
     p.set_defaults(run=run_latest)
 
 
-def listing(save_dir: str, quick: bool) -> dict:
-    infos = layout.by_position(layout.list_checkpoints(save_dir))
+def listing(store: Storage, save_dir: str, quick: bool) -> dict:
+    infos = layout.by_position(layout.list_checkpoints(store, save_dir))
     if quick:
-        latest = layout.latest_complete(save_dir, infos)
+        latest = layout.latest_complete(store, save_dir, infos)
     else:
         with engine_quiet():
-            latest = integrity.latest_verified(save_dir, infos)
+            latest = integrity.latest_verified(store, save_dir, infos)
     complete = [i for i in infos if i.complete]
     best = max((i for i in complete if i.meta.get("is_best")), key=lambda i: i.order, default=None)
     rows = []
     for info in infos:
         status, reason = ("complete", "") if info.complete else ("incomplete", info.reason)
         if info.complete and not quick and (latest is None or info.order > latest.order):
-            problem = integrity.problem(info)  # passed over by latest_verified: its result is cached
+            problem = integrity.problem(store, info)  # passed over by latest_verified: its result is cached
             if problem is not None:
                 status, reason = "corrupt", problem
         m = info.meta
@@ -69,7 +70,7 @@ def listing(save_dir: str, quick: bool) -> dict:
                      "latest": latest is not None and info.path == latest.path})
     return {"save_dir": save_dir, "checkpoints": rows, "latest": latest.path if latest else None,
             "latest_verified": not quick, "total_bytes": sum(r["size_bytes"] for r in rows),
-            "free_bytes": storage.free_bytes(save_dir)}
+            "free_bytes": store.free_bytes(save_dir)}
 
 
 def _table(found: dict) -> list[str]:
@@ -108,8 +109,8 @@ def _footer(found: dict) -> list[str]:
 
 
 def run_ls(args) -> int:
-    save_dir = save_dir_arg(args.save_dir)
-    found = listing(save_dir, args.quick)
+    save_dir = save_dir_arg(args.store, args.save_dir)
+    found = listing(args.store, save_dir, args.quick)
     if args.json:
         print(json.dumps(found, indent=2))
     elif found["checkpoints"]:
@@ -121,8 +122,8 @@ def run_ls(args) -> int:
 
 
 def run_latest(args) -> int:
-    save_dir = save_dir_arg(args.save_dir)
-    latest = integrity.latest_verified(save_dir)  # warns about each damaged checkpoint it passes over
+    save_dir = save_dir_arg(args.store, args.save_dir)
+    latest = integrity.latest_verified(args.store, save_dir)  # warns about each damaged checkpoint it passes over
     if latest is None:
         print(f"No checkpoint found to resume in {save_dir}", file=sys.stderr)
         return EXIT_FAILED

@@ -10,9 +10,10 @@ import logging
 import os
 import sys
 
-from .. import errors, storage
+from .. import errors
 from ..export import ExportError
 from . import export, inspect, ls, prune, verify
+from ..storage import open_storage
 from .common import EXIT_FAILED, EXIT_USAGE, Parser, UsageError
 
 EPILOG = """examples:
@@ -61,16 +62,16 @@ FAILURES = (errors.CheckpointNotFoundError, errors.IncompleteCheckpointError, er
 
 
 def _open_storage(args) -> None:
-    """A URL argument: its fsspec options, and one clear usage error for a bad scheme or a missing bucket."""
-    target = getattr(args, "save_dir", None) or getattr(args, "path", None)
-    if target is None or not storage.is_url(target):
-        if args.storage_options is not None:
-            raise UsageError(f"--storage-options apply to a URL (s3://...), not the local path {target}")
-        return
-    if args.storage_options is not None:
-        storage.configure(target, args.storage_options)
+    """args.store: the Storage of the path argument, with --storage-options; one clear usage error for options
+    given with a local path, a bad scheme or a missing bucket."""
+    target = args.save_dir if getattr(args, "save_dir", None) is not None else args.path
     try:
-        storage.check_reachable(target)
+        args.store = open_storage(target)
+        if args.storage_options is not None:
+            if not args.store.remote:
+                raise UsageError(f"--storage-options apply to a URL (s3://...), not the local path {target}")
+            args.store = open_storage(target, args.storage_options)
+        args.store.check_reachable(target)
     except errors.StorageError as e:
         raise UsageError(str(e).replace("save_dir ", "", 1)) from None
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from .. import integrity, layout, retention, savedir_lock, storage
+from .. import integrity, layout, retention, savedir_lock
 from ..errors import SaveDirLockedError
+from ..storage import Storage
 from .common import EXIT_OK, engine_quiet, positive_int, save_dir_arg, subparser
 
 EPILOG = """examples:
@@ -32,18 +33,18 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _plan(save_dir: str, keep: int, keep_best: bool) -> tuple[list, list, dict[str, str]]:
+def _plan(store: Storage, save_dir: str, keep: int, keep_best: bool) -> tuple[list, list, dict[str, str]]:
     """(to remove, to keep, why each kept one is special)."""
-    infos = layout.list_checkpoints(save_dir)
+    infos = layout.list_checkpoints(store, save_dir)
     doomed = retention.plan_removals(infos, keep, keep_best)
     with engine_quiet():
-        resume = integrity.latest_verified(save_dir, infos)
+        resume = integrity.latest_verified(store, save_dir, infos)
     notes: dict[str, str] = {}
     if resume is not None:
         notes[resume.path] = "--auto_resume loads it"
         doomed = [i for i in doomed if i.path != resume.path]
     for info in infos:  # kept by retention but passed over on resume (latest_verified cached the hashes)
-        if info.complete and (resume is None or info.order > resume.order) and integrity.problem(info):
+        if info.complete and (resume is None or info.order > resume.order) and integrity.problem(store, info):
             notes[info.path] = "CORRUPT: `dcp-resume verify` names the file"
     best = max((i for i in infos if i.complete and i.meta.get("is_best")), key=lambda i: i.order, default=None)
     if best is not None and all(i.path != best.path for i in doomed):
@@ -52,23 +53,24 @@ def _plan(save_dir: str, keep: int, keep_best: bool) -> tuple[list, list, dict[s
     return layout.by_position(doomed), layout.by_position([i for i in infos if i.path not in gone]), notes
 
 
-def _lock(save_dir: str) -> savedir_lock.SaveDirLock:
+def _lock(store: Storage, save_dir: str) -> savedir_lock.SaveDirLock:
     try:
-        return savedir_lock.acquire(save_dir)
+        return savedir_lock.acquire(store, save_dir)
     except SaveDirLockedError as e:  # exit 1, naming the holder
         raise SaveDirLockedError(f"not pruning: {e}. Prune once that job has ended; while it runs, its own "
                                  "retention (keep_last_n) prunes") from None
 
 
 def run(args) -> int:
-    save_dir = save_dir_arg(args.save_dir)
-    lock = None if args.dry_run else _lock(save_dir)
+    store = args.store
+    save_dir = save_dir_arg(store, args.save_dir)
+    lock = None if args.dry_run else _lock(store, save_dir)
     try:
-        doomed, kept, notes = _plan(save_dir, args.keep, args.keep_best)
+        doomed, kept, notes = _plan(store, save_dir, args.keep, args.keep_best)
         verb = "would remove" if args.dry_run else "removed"
         for info in doomed:
             if not args.dry_run:
-                storage.remove_tree(info.path)
+                store.remove_tree(info.path)
             why = f"incomplete: {info.reason}" if not info.complete else f"beyond the newest {args.keep}"
             print(f"{verb} {info.name} ({why})")
         kept_names = ", ".join(f"{i.name} ({notes[i.path]})" if i.path in notes else i.name for i in kept)

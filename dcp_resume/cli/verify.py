@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from .. import layout, storage, verification
+from .. import layout, verification
+from ..storage import Storage
 from .common import EXIT_FAILED, EXIT_OK, any_dir_arg, is_checkpoint, subparser
 from .table import human_bytes
 
@@ -40,23 +41,27 @@ def _print(report: verification.Report, name: str, quick: bool) -> None:
     else:
         checked = "sizes match (--quick: contents not read)" if quick else "sizes and content hashes match"
         unhashed = f", {report.unhashed} without a recorded hash checked by size" if report.unhashed else ""
+        if report.unknown_hashes:
+            unhashed += (f" (they record {', '.join(sorted(report.unknown_hashes))}, unknown to this dcp-resume: "
+                         "upgrade it to check their contents)")
         print(f"OK   {name}: {report.files} files, {human_bytes(report.bytes)}, {checked}{unhashed}; "
               f"DCP index covers {report.shards} shard file(s)")
 
 
 def run(args) -> int:
-    path = any_dir_arg(args.path)
-    if is_checkpoint(path):
-        report = verification.verify_checkpoint(path, args.quick)
-        _print(report, storage.basename(path), args.quick)
+    store = args.store
+    path = any_dir_arg(store, args.path)
+    if is_checkpoint(store, path):
+        report = verification.verify_checkpoint(store, path, args.quick)
+        _print(report, Storage.basename(path), args.quick)
         return EXIT_OK if report.status == "ok" else EXIT_FAILED
-    infos = layout.by_position(layout.list_checkpoints(path))
+    infos = layout.by_position(layout.list_checkpoints(store, path))
     if not infos:
         print(f"dcp-resume: no checkpoint directories (step_*/epoch*) in {path}", file=sys.stderr)
         return EXIT_FAILED
     counts = dict.fromkeys(verification.STATUSES, 0)
     for info in infos:
-        report = verification.verify_checkpoint(info.path, args.quick)
+        report = verification.verify_checkpoint(store, info.path, args.quick)
         _print(report, info.name, args.quick)
         counts[report.status] += 1
     print(f"{len(infos)} checkpoint directories: {counts['ok']} OK, {counts['bad']} BAD, "

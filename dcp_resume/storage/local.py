@@ -6,6 +6,11 @@ import shutil
 import stat
 from typing import Any, BinaryIO
 
+import torch.distributed.checkpoint as dcp
+
+from ..errors import StorageError
+from .base import Storage
+
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
@@ -26,8 +31,11 @@ def _open_regular(path: str) -> int:
         raise
 
 
-class LocalBackend:
+class LocalStorage(Storage):
     """A save_dir that is a plain path. Commits are temp file + fsync + rename + fsync of the directory."""
+
+    def absolute(self, path: str) -> str:
+        return os.path.abspath(path)
 
     def identity(self, path: str) -> str:
         return os.path.realpath(path)
@@ -141,7 +149,7 @@ class LocalBackend:
             path = os.path.dirname(path)
         return shutil.disk_usage(path).free
 
-    def signature(self, root: str, rels: list[str]) -> tuple[Any, ...] | None:
+    def file_signature(self, root: str, rels: list[str]) -> tuple[Any, ...] | None:
         """(size, mtime, inode) of each file: changes whenever a file is rewritten. None if one is missing."""
         try:
             return tuple((rel, *_stat3(os.path.join(root, rel))) for rel in rels)
@@ -150,6 +158,27 @@ class LocalBackend:
 
     def check_reachable(self, path: str) -> None:
         """A local save_dir needs nothing up front: it is created at the first save."""
+
+    def check_writable(self, save_dir: str) -> None:
+        """StorageError naming save_dir unless it is (or can be created as) a writable directory."""
+        if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+            raise StorageError(f"save_dir {save_dir} is a file, not a directory; pass a directory for the "
+                               "checkpoints (it is created if missing)")
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"save_dir {save_dir} cannot be created: {e.strerror or e}; pass a save_dir on a "
+                               "writable filesystem") from None
+        if not os.access(save_dir, os.W_OK):  # access() also says so for a read-only mount, even to root
+            raise StorageError(f"save_dir {save_dir} is not writable (a read-only filesystem or no permission); "
+                               "pass a save_dir on a writable filesystem")
+
+    def dcp_writer(self, state_dir: str):
+        """DCP's FileSystemWriter, fsyncing every file it writes."""
+        return dcp.FileSystemWriter(state_dir, sync_files=True)
+
+    def dcp_reader_class(self) -> tuple[type, dict[str, Any]]:
+        return dcp.FileSystemReader, {}
 
 
 def _is_real_dir(path: str) -> bool:

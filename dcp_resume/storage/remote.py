@@ -5,26 +5,33 @@ PUT completes, or not at all. So metadata.json, PUT last and alone by rank 0 aft
 uploaded, is the commit, exactly as on a local disk (Orbax's commit-file approach). "Directories" are key
 prefixes: one exists while any object lives under it.
 
-Filesystems are opened with storage.fsspec_options (no listings cache).
+Filesystems are opened without fsspec's listings cache: another rank or job changes the store under us, and a
+stale listing would hide a commit or show a deleted checkpoint. DCP's own FsspecWriter/Reader get the same
+options.
 """
 from __future__ import annotations
 
 import posixpath
 from typing import Any, BinaryIO
 
+from fsspec.core import url_to_fs
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
 from ..errors import StorageError
+from .base import Storage
 
 OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss", "r2"}  # protocols with buckets
 
 
-class FsspecBackend:
+class FsspecStorage(Storage):
     """Storage through one fsspec filesystem instance (fsspec caches instances per protocol + options)."""
 
-    def __init__(self, url: str, options: dict[str, Any]):
-        from fsspec.core import url_to_fs
+    remote = True
 
+    def __init__(self, url: str, options: dict[str, Any]):
+        self.options = {"use_listings_cache": False, **options}
         try:
-            self.fs, _ = url_to_fs(url, **options)
+            self.fs, _ = url_to_fs(url, **self.options)
         except (ValueError, ImportError) as e:
             raise StorageError(f"save_dir {url}: cannot open this URL ({e}). Known schemes include s3://, gs://, "
                                "memory:// and file://; s3:// needs `pip install s3fs`, gs:// `pip install gcsfs`"
@@ -37,6 +44,9 @@ class FsspecBackend:
 
     def identity(self, path: str) -> str:
         return f"{self.protocol}://{self._strip(path)}"
+
+    def absolute(self, path: str) -> str:
+        return path
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
@@ -116,7 +126,7 @@ class FsspecBackend:
         """Unknown for object stores (and effectively unbounded): the low-disk guard does not apply."""
         return None
 
-    def signature(self, root: str, rels: list[str]) -> tuple[Any, ...] | None:
+    def file_signature(self, root: str, rels: list[str]) -> tuple[Any, ...] | None:
         """Size plus whatever the store says changes on a rewrite (ETag, modification time)."""
         try:
             out = []
@@ -142,3 +152,15 @@ class FsspecBackend:
         if not found:
             raise StorageError(f"save_dir {path}: bucket {bucket} does not exist or these credentials cannot see "
                                f"it. Create it first (e.g. `aws s3 mb {self.protocol}://{bucket}`) or fix the URL")
+
+    def check_writable(self, save_dir: str) -> None:
+        """An object store needs no directory made up front; the bucket must exist and be reachable."""
+        self.check_reachable(save_dir)
+
+    def dcp_writer(self, state_dir: str):
+        """DCP's FsspecWriter, without DCP's fsync: an object is durable when its upload returns (DCP would fall
+        back to a machine-wide os.sync() per file)."""
+        return FsspecWriter(state_dir, sync_files=False, **self.options)
+
+    def dcp_reader_class(self) -> tuple[type, dict[str, Any]]:
+        return FsspecReader, dict(self.options)

@@ -3,8 +3,9 @@ import sys
 import time
 
 from dcp_resume import savedir_lock
+from dcp_resume.storage import open_storage
 
-lock = savedir_lock.acquire(sys.argv[1])
+lock = savedir_lock.acquire(open_storage(sys.argv[1]), sys.argv[1])
 print("held", flush=True)
 time.sleep(float(sys.argv[2]))
 lock.release()

@@ -16,7 +16,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 from common import full_state, fsdp2, init_dist, make_training, train_steps  # noqa: E402
 
-from dcp_resume import CheckpointManager, storage  # noqa: E402
+from dcp_resume import CheckpointManager  # noqa: E402
+from dcp_resume.storage import LocalStorage  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
@@ -29,16 +30,16 @@ world = dist.get_world_size() if dist.is_initialized() else 1
 wrappers = {"ddp": torch.nn.parallel.DistributedDataParallel, "fsdp2": fsdp2}
 
 # Spy (not a mock: the real function runs) on who writes metadata.json.
-_commit = storage.commit_json_atomically
+_commit = LocalStorage.commit_json_atomically
 
 
-def spy(path, obj):
+def spy(self, path, obj):
     with open(os.path.join(out, f"commit_rank{rank}.log"), "a") as f:
         f.write(path + "\n")
-    _commit(path, obj)
+    _commit(self, path, obj)
 
 
-storage.commit_json_atomically = spy
+LocalStorage.commit_json_atomically = spy
 
 
 def restored(kind, path):
