@@ -1,4 +1,4 @@
-"""ExperimentCheckpointer: the seed guide's high-level interface for experiment scripts."""
+"""ExperimentCheckpointer: the high-level interface for experiment scripts (README.md, "Using the engine")."""
 from __future__ import annotations
 
 from typing import Any

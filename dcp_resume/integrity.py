@@ -1,9 +1,9 @@
 """Content-hash verification of committed checkpoints, cached per process.
 
 A checkpoint's bytes are trusted on load only after every file metadata.json lists has been read in full and
-matched its recorded content hash (hashing.py; sizes are already checked by layout.inspect_dir). Hashing before the load, not
-while DCP reads, is the only order that keeps a flipped bit out of live objects: DCP restores in place and
-reads only the byte ranges a load needs. The read leaves the files in the page cache for DCP's own read
+matched its recorded content hash (hashing.py; sizes are already checked by layout.inspect_dir). Hashing
+before the load, not while DCP reads, is the only order that keeps a flipped bit out of live objects: DCP
+restores in place and reads only the byte ranges a load needs. The read leaves the files in the page cache for DCP's own read
 (its cost: benchmarks/README.md, "hash_cost.py").
 
 Results are cached by the checkpoint's real path (or URL) plus the signature of metadata.json and of every
@@ -52,7 +52,8 @@ def _hash_problem(store: Storage, path: str, files: dict[str, Any]) -> str | Non
             return f"{rel} content hash mismatch ({algorithm} of the file is {got}, metadata.json records {want})"
     if unknown:
         logger.warning("%s: %d file(s) carry only hashes this dcp-resume does not know (%s), checked by size "
-                       "only: upgrade dcp-resume to check their contents", path, len(unhashed), ", ".join(sorted(unknown)))
+                       "only: upgrade dcp-resume to check their contents", path, len(unhashed),
+                       ", ".join(sorted(unknown)))
     elif unhashed:
         logger.debug("%s: %d file(s) carry no content hash (written before dcp-resume recorded them), checked by "
                      "size only: %s", path, len(unhashed), ", ".join(unhashed))

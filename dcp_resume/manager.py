@@ -1,4 +1,5 @@
-"""CheckpointManager: the seed guide's API on top of sharded DCP checkpoints with a rank-0 commit."""
+"""CheckpointManager: the engine's API (README.md, "Using the engine") on top of sharded DCP checkpoints with a
+rank-0 commit."""
 from __future__ import annotations
 
 import copy
@@ -56,7 +57,7 @@ class CheckpointManager:
     def __init__(self, save_dir: str | os.PathLike, save_interval: int = 100, keep_last_n: int | None = 3,
                  enable_preemption_handling: bool = True, verbose: bool = True, *,
                  options: CheckpointOptions | None = None, **keywords: Any):
-        """The seed guide's keywords (and every other field of CheckpointOptions: config, keep_best,
+        """The established keywords (and every other field of CheckpointOptions: config, keep_best,
         collective_timeout_s, preemption_signals, async_save, on_commit, low_disk_policy, storage_options,
         lock_wait_s), or `options` made elsewhere."""
         if save_dir is None or str(save_dir) == "":
@@ -92,7 +93,7 @@ class CheckpointManager:
         self._preemption = PreemptionHandler(o.preemption_signals) if o.enable_preemption_handling else None
         self._logging_set = False
 
-    # -- the seed guide's API ---------------------------------------------------------------------
+    # -- the public API ---------------------------------------------------------------------------
     def should_save(self, step: int, force: bool = False) -> bool:
         """The one place that decides whether a save happens at `step`: forced, periodic, or because a
         preemption signal reached any rank (then `self.preempted` is True on every rank)."""
@@ -335,7 +336,8 @@ class CheckpointManager:
             self.storage.remove_tree(info.path)
 
     def _resolve(self, checkpoint_path) -> str:
-        """The checkpoint to load, chosen on rank 0 and shared, with the seed guide's messages."""
+        """The checkpoint to load, chosen on rank 0 and shared, with the messages users know
+        (CheckpointNotFoundError, IncompleteCheckpointError)."""
         if checkpoint_path is None:
             found = self._group.broadcast(self.find_latest_checkpoint() if rank() == 0 else None)
             if found is None:

@@ -1,6 +1,6 @@
 """What a CheckpointManager is configured with: one dataclass, each field documented and validated once.
 
-`CheckpointManager(save_dir, save_interval=..., keep_last_n=..., ...)` (the seed guide's keywords) builds one;
+`CheckpointManager(save_dir, save_interval=..., keep_last_n=..., ...)` (the established keywords) builds one;
 `CheckpointManager(save_dir, options=CheckpointOptions(...))` passes one made elsewhere (a config file).
 """
 from __future__ import annotations

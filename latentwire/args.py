@@ -1,4 +1,4 @@
-"""train.py's command line: the seed guide's flags plus the trainer's own."""
+"""train.py's command line: the established resume flags (README.md) plus the trainer's own."""
 from __future__ import annotations
 
 import argparse
@@ -6,13 +6,6 @@ import argparse
 from dcp_resume.storage import open_storage, options_from_json
 
 from .model import COMPRESSIONS
-
-
-def json_object(text: str) -> dict:
-    try:
-        return options_from_json(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 EXAMPLES = """examples:
@@ -46,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("checkpoints")
     c.add_argument("--save_dir", default="runs/latentwire",
                    help="a directory, or a URL (s3://bucket/run, gs://..., memory://...) written through fsspec")
-    c.add_argument("--storage_options", type=json_object, default=None, metavar="JSON",
+    c.add_argument("--storage_options", type=options_from_json, default=None, metavar="JSON",
                    help='fsspec options for a URL --save_dir, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'; '
                         "credentials otherwise come from the library's environment (AWS_*). Never written to "
                         "config.json or logs")

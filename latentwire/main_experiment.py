@@ -26,6 +26,7 @@ from dcp_resume.rng import RNGState  # noqa: E402
 from dcp_resume.sampler import ResumableSampler  # noqa: E402
 from latentwire.data import collate, load_examples  # noqa: E402
 from latentwire.model import COMPRESSIONS, LatentWire, ModelConfig, trainable_state  # noqa: E402
+from latentwire.progress import checkpoint_after_step  # noqa: E402
 from latentwire.recipe import TINY, rank_seed, seed_everything, warmup_cosine  # noqa: E402
 
 EVAL_FRACTION = 0.2
@@ -121,14 +122,17 @@ class Experiment:
                 self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
                 step += 1
-                if self.ckpt and self.ckpt.manager.should_save(step):  # every step: agrees on preemption
-                    last_step = len(self.sampler) == 0 and epoch + 1 >= a.epochs
-                    if self.ckpt.manager.preempted and not last_step:  # the final save below serves
-                        self._save(epoch, step, "preemption")
-                        print(f"Preempted at step {step}: exiting with {PREEMPTED_EXIT_CODE}; rerun with --resume")
-                        return PREEMPTED_EXIT_CODE
-                    if len(self.sampler) > 0 or epoch + 1 < a.epochs:  # the run's last step: "final" below
-                        self._save(epoch, step, "step")
+                if not self.ckpt:
+                    continue
+                epoch_done = len(self.sampler) == 0
+                kind = checkpoint_after_step(self.ckpt.manager, step, epoch_done=epoch_done,
+                                             run_done=epoch_done and epoch + 1 >= a.epochs, epoch_end_saved=False)
+                if kind == "preemption":
+                    self._save(epoch, step, "preemption")
+                    print(f"Preempted at step {step}: exiting with {PREEMPTED_EXIT_CODE}; rerun with --resume")
+                    return PREEMPTED_EXIT_CODE
+                if kind == "step":
+                    self._save(epoch, step, "step")
             epoch += 1
             self.sampler.set_epoch(epoch)
         if self.ckpt:

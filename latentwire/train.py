@@ -31,6 +31,7 @@ from dcp_resume.storage import open_storage  # noqa: E402
 from latentwire.args import parse_args  # noqa: E402
 from latentwire.data import collate, load_examples  # noqa: E402
 from latentwire.model import LatentWire, ModelConfig, trainable_state, unwrap  # noqa: E402
+from latentwire.progress import TrainState, checkpoint_after_step  # noqa: E402
 from latentwire.recipe import TINY, align_lr_with_schedule, rank_seed, seed_everything, warmup_cosine  # noqa: E402
 from latentwire.runtime import setup_logging, start, wrap  # noqa: E402
 
@@ -82,8 +83,7 @@ class Trainer:
                                                                                  args.epochs * per_epoch))
         seed_everything(rank_seed(args.seed, self.rt.rank))
         self.rng = RNGState(self.rt.rank)
-        self.counters = {"epoch": 0, "global_step": 0, "samples_seen": 0, "best_metric": None,
-                         "batch_size": args.batch_size, "world_size": self.rt.world_size}
+        self.progress = TrainState(batch_size=args.batch_size, world_size=self.rt.world_size)
         self.stats = {"steps": [], "evals": []}
 
     # -- resume ---------------------------------------------------------------------------------
@@ -117,17 +117,16 @@ class Trainer:
         if a.reset_epoch:
             self.log.info(f"Resuming from checkpoint: {path} (weights only; --reset_epoch restarts at step 0)")
             return
-        saved = loaded["counters"]
-        self.counters.update(epoch=saved["epoch"], global_step=saved["global_step"],
-                             samples_seen=saved["samples_seen"], best_metric=saved["best_metric"])
-        if not self.rng.restored or saved["world_size"] != self.rt.world_size:
-            seed_everything(rank_seed(a.seed, self.rt.rank, saved["global_step"]))
+        prog = self.progress
+        saved_batch, saved_world = prog.resume_from(loaded["counters"])
+        if not self.rng.restored or saved_world != self.rt.world_size:
+            seed_everything(rank_seed(a.seed, self.rt.rank, prog.global_step))
             self.log.warning("World size changed: RNG streams are reseeded (data order stays exact)")
         self._load_stats(path, self.manager.loaded_training_stats)
-        self.log.info(f"Resuming from checkpoint: {path} (step {saved['global_step']}, epoch {saved['epoch']})")
-        if (saved["batch_size"], saved["world_size"]) != (a.batch_size, self.rt.world_size):
-            self.log.info(f"Batch size {saved['batch_size']}x{saved['world_size']} ranks -> {a.batch_size}x"
-                          f"{self.rt.world_size} ranks: continuing epoch {saved['epoch']} at sample "
+        self.log.info(f"Resuming from checkpoint: {path} (step {prog.global_step}, epoch {prog.epoch})")
+        if (saved_batch, saved_world) != (a.batch_size, self.rt.world_size):
+            self.log.info(f"Batch size {saved_batch}x{saved_world} ranks -> {a.batch_size}x"
+                          f"{self.rt.world_size} ranks: continuing epoch {prog.epoch} at sample "
                           f"{self.sampler.state_dict()['consumed']} of {len(self.examples)}; no sample is "
                           "repeated or skipped")
 
@@ -139,20 +138,20 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------------------
     def train(self) -> int:
-        a, c = self.args, self.counters
-        if c["epoch"] >= a.epochs:
-            self.log.info(f"Training already complete at epoch {c['epoch']} (step {c['global_step']}); "
+        a, prog = self.args, self.progress
+        if prog.epoch >= a.epochs:
+            self.log.info(f"Training already complete at epoch {prog.epoch} (step {prog.global_step}); "
                           "pass a larger --epochs to extend it")
             return 0
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.rt.device.type == "cuda")
-        while c["epoch"] < a.epochs:
-            self.sampler.set_epoch(c["epoch"])
-            bar = tqdm(total=len(self.sampler), desc=f"epoch {c['epoch'] + 1}/{a.epochs}",
+        while prog.epoch < a.epochs:
+            self.sampler.set_epoch(prog.epoch)
+            bar = tqdm(total=len(self.sampler), desc=f"epoch {prog.epoch + 1}/{a.epochs}",
                        disable=not self.rt.is_main, file=sys.stderr, mininterval=1.0)
             for indices in self.sampler:
                 batch = collate([self.examples[i] for i in indices], self.cfg.max_context_bytes,
                                 self.cfg.max_answer_tokens)
-                with rank_failures_named(f"step {c['global_step'] + 1}", a.collective_timeout_s):
+                with rank_failures_named(f"step {prog.global_step + 1}", a.collective_timeout_s):
                     with autocast:
                         out = self.model(batch)
                     out["loss"].backward()  # DDP/FSDP collectives: a hung rank times out here
@@ -161,39 +160,40 @@ class Trainer:
                 self.opt.step()
                 self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
-                c["global_step"] += 1
-                c["samples_seen"] = c["epoch"] * len(self.examples) + self.sampler.state_dict()["consumed"]
+                prog.global_step += 1
+                prog.samples_seen = prog.epoch * len(self.examples) + self.sampler.state_dict()["consumed"]
                 self._trace(batch["ids"])
-                self.stats["steps"].append({"step": c["global_step"], "epoch": c["epoch"],
+                self.stats["steps"].append({"step": prog.global_step, "epoch": prog.epoch,
                                             "loss": out["loss"].item(), "lr": self.sched.get_last_lr()[0]})
                 bar.update(1)
                 bar.set_postfix(loss=f"{self.stats['steps'][-1]['loss']:.3f}")
-                due = self.manager.should_save(c["global_step"])  # every step: ranks agree on preemption
-                last_step = len(self.sampler) == 0 and c["epoch"] + 1 >= a.epochs
-                if self.manager.preempted and not last_step:  # on the last step the final save serves
+                epoch_done = len(self.sampler) == 0
+                kind = checkpoint_after_step(self.manager, prog.global_step, epoch_done=epoch_done,
+                                             run_done=epoch_done and prog.epoch + 1 >= a.epochs, epoch_end_saved=True)
+                if kind == "preemption":
                     bar.close()
                     self.save("preemption")
-                    self.log.info(f"Preempted at step {c['global_step']}: exiting with {PREEMPTED_EXIT_CODE}; "
+                    self.log.info(f"Preempted at step {prog.global_step}: exiting with {PREEMPTED_EXIT_CODE}; "
                                   "rerun with --auto_resume to continue")
                     return PREEMPTED_EXIT_CODE
-                if due and len(self.sampler) > 0:
+                if kind == "step":
                     self.save("step")
-                if a.max_steps and c["global_step"] >= a.max_steps:
+                if a.max_steps and prog.global_step >= a.max_steps:
                     bar.close()
                     self.log.info(f"Stopping at --max_steps {a.max_steps} (no final checkpoint)")
                     return 0
             bar.close()
-            c["epoch"] += 1
-            self.sampler.set_epoch(c["epoch"])
+            prog.epoch += 1
+            self.sampler.set_epoch(prog.epoch)
             metric = self.evaluate()
-            is_best = c["best_metric"] is None or metric < c["best_metric"]
-            c["best_metric"] = metric if is_best else c["best_metric"]
-            if c["epoch"] < a.epochs:
+            is_best = prog.best_metric is None or metric < prog.best_metric
+            prog.best_metric = metric if is_best else prog.best_metric
+            if prog.epoch < a.epochs:
                 self.save("epoch", is_best=is_best, metrics={"eval_loss": metric})
         self.save("final", metrics={"eval_loss": metric})
         self.manager.wait()  # the final commit lands before we say we are done
-        self.log.info(f"Training complete: {c['global_step']} steps, {c['epoch']} epochs, "
-                      f"best eval loss {c['best_metric']:.4f}")
+        self.log.info(f"Training complete: {prog.global_step} steps, {prog.epoch} epochs, "
+                      f"best eval loss {prog.best_metric:.4f}")
         return 0
 
     def evaluate(self) -> float:
@@ -205,19 +205,19 @@ class Trainer:
             total += r["llama_loss_sum"] + r["qwen_loss_sum"]
             tokens += r["llama_tokens"] + r["qwen_tokens"]
         metric = total / max(tokens, 1)
-        self.stats["evals"].append({"step": self.counters["global_step"], "epoch": self.counters["epoch"],
+        self.stats["evals"].append({"step": self.progress.global_step, "epoch": self.progress.epoch,
                                     "eval_loss": metric})
-        self.log.info(f"epoch {self.counters['epoch']}: eval loss {metric:.4f}")
+        self.log.info(f"epoch {self.progress.epoch}: eval loss {metric:.4f}")
         return metric
 
     def save(self, kind: str, is_best: bool = False, metrics: dict | None = None) -> None:
-        c = self.counters
+        prog = self.progress
         state = {"model": self.model, "optimizer": self.opt, "scheduler": self.sched,
-                 "sampler": self.sampler, "counters": dict(c), "rng": self.rng}
+                 "sampler": self.sampler, "counters": prog.state_dict(), "rng": self.rng}
         artifacts = trainable_state(self.model) if kind in ("epoch", "final") else None
-        self.manager.save_checkpoint(state, step=c["global_step"], epoch=c["epoch"], is_best=is_best,
+        self.manager.save_checkpoint(state, step=prog.global_step, epoch=prog.epoch, is_best=is_best,
                                      extra_artifacts=artifacts, kind=kind, metrics=metrics,
-                                     best_metric=c["best_metric"], training_stats=self.stats)
+                                     best_metric=prog.best_metric, training_stats=self.stats)
         # "Saved checkpoint: <path>" is printed by on_commit once the commit lands (async: later).
 
     def _trace(self, ids: torch.Tensor) -> None:
@@ -225,8 +225,8 @@ class Trainer:
         trace = os.environ.get("LATENTWIRE_TRACE")
         if trace:
             with open(f"{trace}.rank{self.rt.rank}", "a") as f:
-                c = self.counters
-                f.write(f"{c['epoch']} {c['global_step']} {self.rt.rank} {','.join(map(str, ids.tolist()))}\n")
+                prog = self.progress
+                f.write(f"{prog.epoch} {prog.global_step} {self.rt.rank} {','.join(map(str, ids.tolist()))}\n")
 
     def close(self, failed: bool = False) -> None:
         """After a failure, the save in flight (if any) is the same failure, or one more: logged, not raised."""

@@ -81,16 +81,3 @@ def damage(save_dir: str) -> str:
     os.remove(os.path.join(save_dir, "step_15", "metadata.json"))
     flip_byte(os.path.join(save_dir, "step_12", SHARD))
     return save_dir
-
-
-def snapshot(root: str) -> dict[str, tuple]:
-    """Every file and directory under root with its size and mtime: 'nothing changed' means this is equal."""
-    out = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = os.path.join(dirpath, name)
-            st = os.stat(p)
-            out[os.path.relpath(p, root)] = (st.st_size, st.st_mtime_ns)
-    st = os.stat(root)
-    out["."] = (st.st_size, st.st_mtime_ns)
-    return out

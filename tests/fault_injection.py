@@ -27,7 +27,8 @@ from dcp_resume import CheckpointManager  # noqa: E402
 from dcp_resume.layout import list_checkpoints  # noqa: E402
 from dcp_resume.storage import open_storage  # noqa: E402
 from helpers import env  # noqa: E402
-from latentwire.demo import COMPARED, command, differences, final_state, kill_tree  # noqa: E402
+from latentwire.exactness import COMPARED, differences, final_state  # noqa: E402
+from latentwire.processes import command, kill_tree  # noqa: E402
 
 FLAGS = ["--tiny", "--samples", "48", "--batch_size", "4", "--epochs", "2", "--save_every", "1"]
 ENV = env()

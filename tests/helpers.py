@@ -1,12 +1,21 @@
-"""Helpers several test modules share: the environment for real processes, snapshots of a directory's
-contents, and damage that keeps a file's size."""
+"""Helpers several test modules share: the environment for real processes, bit-exact comparison of states,
+snapshots of a directory's contents, and damage that keeps a file's size."""
 import hashlib
 import os
+
+from latentwire.exactness import differences
 
 
 def env(**extra) -> dict:
     """The environment for a real child process: unbuffered output, one OpenMP thread per process."""
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def assert_same(a, b, path="state"):
+    """Bit-exact equality of nested dicts/lists of tensors and values, naming where they differ."""
+    found = differences(a, b, path)
+    more = f" and {len(found) - 10} more" if len(found) > 10 else ""
+    assert not found, f"differs at {', '.join(found[:10])}{more}"
 
 
 def content_snapshot(root, skip_logs: bool = False) -> dict:
@@ -19,6 +28,19 @@ def content_snapshot(root, skip_logs: bool = False) -> dict:
             if not (skip_logs and rel.startswith("logs" + os.sep)):
                 with open(os.path.join(dirpath, name), "rb") as f:
                     out[rel] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def stat_snapshot(root: str) -> dict[str, tuple]:
+    """Every file and directory under root with its size and mtime: 'nothing changed' means this is equal."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(dirpath, name)
+            st = os.stat(p)
+            out[os.path.relpath(p, root)] = (st.st_size, st.st_mtime_ns)
+    st = os.stat(root)
+    out["."] = (st.st_size, st.st_mtime_ns)
     return out
 
 

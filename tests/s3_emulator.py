@@ -7,8 +7,11 @@ tests/netguard/sitecustomize.py on PYTHONPATH refuses any connection that is not
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import runpy
+import socket
 import uuid
 
 NETGUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "netguard")
@@ -53,6 +56,22 @@ class S3Emulator:
 
     def stop(self) -> None:
         self._server.stop()
+
+
+@contextlib.contextmanager
+def running():
+    """An emulator this process and its children point at (AWS_* variables), with this process too confined
+    to 127.0.0.1 (netguard); everything is put back and the server stopped on exit."""
+    emu = S3Emulator()
+    saved_env = emu.apply_env()
+    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
+    runpy.run_path(f"{NETGUARD}/sitecustomize.py")
+    try:
+        yield emu
+    finally:
+        socket.socket.connect, socket.socket.connect_ex = connect, connect_ex
+        restore_env(saved_env)
+        emu.stop()
 
 
 def restore_env(saved: dict[str, str | None]) -> None:

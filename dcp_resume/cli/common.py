@@ -30,17 +30,10 @@ class Parser(argparse.ArgumentParser):
 def subparser(sub, name: str, help: str, epilog: str) -> Parser:
     p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--storage-options", type=json_object, metavar="JSON",
+    p.add_argument("--storage-options", type=options_from_json, metavar="JSON",
                    help="fsspec options for a URL path (s3://...), e.g. '{\"endpoint_url\": \"http://minio:9000\"}'; "
                         "credentials otherwise come from the environment (AWS_*)")
     return p
-
-
-def json_object(text: str) -> dict:
-    try:
-        return options_from_json(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def positive_int(text: str) -> int:

@@ -57,8 +57,8 @@ def run(args) -> int:
     path = checkpoint_arg(args.store, args.path)
     out = _out_arg(args.out, args.force)
     fmt = args.format or ("torch" if out.endswith((".pt", ".pth", ".bin")) else "safetensors")
-    done = export(path, out, store=args.store, state_key=args.state_key, prefix=args.prefix, keep_prefix=args.keep_prefix,
-                  dtype=args.dtype, fmt=fmt)
+    done = export(path, out, store=args.store, state_key=args.state_key, prefix=args.prefix,
+                  keep_prefix=args.keep_prefix, dtype=args.dtype, fmt=fmt)
     print(f"Exported {done.count} tensors ({human_bytes(done.nbytes)}, {', '.join(done.dtypes)}) of step "
           f"{done.step} from {path} to {out} ({fmt})")
     return EXIT_OK

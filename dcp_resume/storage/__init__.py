@@ -9,6 +9,7 @@ reaches the same store; anything not given comes from the library's standard env
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -48,11 +49,12 @@ def open_storage(path: str | os.PathLike, storage_options: dict[str, Any] | None
 
 
 def options_from_json(text: str) -> dict:
-    """fsspec storage options given as JSON on a command line (--storage_options); ValueError if not an object."""
+    """fsspec storage options given as JSON on a command line: an argparse `type=` (--storage_options,
+    --storage-options), raising ArgumentTypeError, whose text argparse prints as is."""
     try:
         value = json.loads(text)
     except ValueError as e:
-        raise ValueError(f"not valid JSON ({e})") from None
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"must be a JSON object, got {type(value).__name__}")
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
     return value

@@ -11,11 +11,11 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT, _free_port, assert_same
-from helpers import env
+from conftest import ROOT, _free_port
+from helpers import assert_same, env
 from trainer_runs import BASE, children, final_state, train, train_and_signal
 
-from latentwire.demo import COMPARED
+from latentwire.exactness import COMPARED
 
 pytestmark = pytest.mark.slow  # integration: the launch wrappers and SLURM scripts around real trainer runs
 
@@ -360,7 +360,6 @@ def test_accelerate_configs():
         ("MULTI_GPU", 2, "bf16", "all")
 
 
-@pytest.mark.slow
 def test_accelerate_cpu_config_starts_two_processes(tmp_path):
     proc = train([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                   os.path.join(LAUNCH, "accelerate_cpu.yaml"), "--main_process_port", str(_free_port()), TRAIN_PY],

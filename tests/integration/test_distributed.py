@@ -6,7 +6,8 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_same, run, torchrun
+from conftest import WORKERS, run, torchrun
+from helpers import assert_same
 from common import full_state, make_training
 
 from dcp_resume import CheckpointManager
@@ -71,7 +72,7 @@ def test_plain_dcp_reads_state_without_project_code(runs):
     code = f"""
 import sys, torch, torch.distributed.checkpoint as dcp
 sys.modules['dcp_resume'] = None  # importing project code would fail loudly
-sys.path.insert(0, {os.path.join(os.path.dirname(__file__), 'workers')!r})
+sys.path.insert(0, {WORKERS!r})
 from common import Tiny
 m = Tiny()
 sd = {{"model": m.state_dict()}}

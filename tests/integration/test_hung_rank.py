@@ -1,55 +1,25 @@
 """A hung rank (SIGSTOP: alive, holding its sockets, never answering) ends the job in bounded time with the
 step named, whatever the other ranks were waiting in: DDP's gradient all-reduce on the default group (whose
 timeout is --collective_timeout_s too) or a save's collectives. The checkpoints already committed stay."""
-import os
 import re
 import signal
-import subprocess
-import time
 
 import pytest
-from conftest import ROOT
-from helpers import env
-from trainer_runs import BASE, children, kill_tree, launcher
+from trainer_runs import BASE, launcher, signal_after
 
 from dcp_resume import CheckpointManager
 
+pytestmark = pytest.mark.slow  # integration: real trainer runs, launchers and signals
+
 TIMEOUT_S = 8
-
-
-def _rank_pid(launcher_pid: int, rank: int) -> int:
-    for pid in children(launcher_pid):
-        try:
-            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in environ:
-            return pid
-    raise AssertionError(f"no worker with RANK={rank} under {launcher_pid}")
 
 
 def _stop_rank1_after(save_dir, after: str, *extra) -> tuple[int, str, float]:
     """Run 2 ranks until stdout shows `after`, SIGSTOP rank 1; (exit status, output, seconds to exit)."""
     cmd = launcher(2) + BASE + ["--save_dir", save_dir, "--collective_timeout_s", TIMEOUT_S, *extra]
-    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env(), cwd=ROOT, start_new_session=True)
-    seen, stopped_at = [], None
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            if stopped_at is None and after in line:
-                os.kill(_rank_pid(proc.pid, 1), signal.SIGSTOP)
-                stopped_at = time.monotonic()
-        proc.wait(timeout=240)
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc.pid)  # SIGKILL ends a stopped process too
-            proc.wait()
-    assert stopped_at is not None, "".join(seen)[-4000:]
-    return proc.returncode, "".join(seen), time.monotonic() - stopped_at
+    return signal_after(list(map(str, cmd)), after=after, sig=signal.SIGSTOP, target="rank=1", timeout=240)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["async", "sync"])
 def test_a_rank_stopped_mid_training_ends_the_job_with_the_step_named(tmp_path, mode):
     save_dir = str(tmp_path / "run")

@@ -119,7 +119,7 @@ def trainer_checkpoint_with_payload(save_dir, marker):
     handlers = list(log.handlers)
     trainer = Trainer(parse_args(["--tiny", "--samples", "8", "--batch_size", "4", "--save_dir", str(save_dir)]))
     try:
-        trainer.counters["samples_seen"] = Payload(marker)
+        trainer.progress.samples_seen = Payload(marker)
         trainer.save("step")
     finally:
         trainer.close()

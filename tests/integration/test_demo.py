@@ -4,8 +4,9 @@ import sys
 import pytest
 from conftest import run
 
+pytestmark = pytest.mark.slow  # integration: real trainer runs, launchers and signals
 
-@pytest.mark.slow
+
 def test_demo_reports_exact_resume(tmp_path):
     out = run([sys.executable, "-m", "latentwire.demo", "--save_dir", str(tmp_path / "demo"), "--", "--tiny"]).stdout
     assert f"Saved checkpoint: {tmp_path}/demo/interrupted/step_5" in out

@@ -119,22 +119,19 @@ def test_save_latency_storage_options_need_a_url(tmp_path):
     assert proc.returncode == 2 and "applies to a URL --save-dir only" in proc.stderr
 
 
-@pytest.mark.slow
 def test_save_latency_on_s3_emulator_uses_storage_options_and_removes_only_its_prefix(tmp_path):
     """moto's S3 emulator on 127.0.0.1 (not AWS). The endpoint reaches the benchmark only through
     --storage-options (AWS_ENDPOINT_URL is unset for it, and tests/netguard refuses anything but 127.0.0.1), so
     every method, floor and hash must use the options; the bucket keeps only what was there before."""
     pytest.importorskip("s3fs")
     pytest.importorskip("moto")
-    from s3_emulator import S3Emulator, restore_env
+    import s3_emulator
 
-    emu = S3Emulator()
-    saved = emu.apply_env()
-    try:
+    with s3_emulator.running() as emu:
         bucket = emu.new_bucket()
         fs = emu.fs()
         fs.pipe_file(f"{bucket}/bench/keep.txt", b"not the benchmark's")
-        os.environ.pop("AWS_ENDPOINT_URL")  # restored by restore_env
+        os.environ.pop("AWS_ENDPOINT_URL")  # put back when the emulator stops
         env = {k: v for k, v in emu.env.items() if k != "AWS_ENDPOINT_URL"}
         url, methods = f"s3://{bucket}/bench", ["torch_save_rank0", "dcp_sync", "engine_sync"]
         options = json.dumps({"client_kwargs": {"endpoint_url": emu.endpoint}})
@@ -142,9 +139,6 @@ def test_save_latency_on_s3_emulator_uses_storage_options_and_removes_only_its_p
              url, "--storage-options", options, "--methods", *methods], env=env)
         check_url_report(json.load(open(tmp_path / "save_latency.json")), url, "s3", methods)
         assert fs.find(bucket) == [f"{bucket}/bench/keep.txt"]
-    finally:
-        restore_env(saved)
-        emu.stop()
 
 
 def test_run_with_s3_emulator_gives_the_command_an_endpoint_and_a_bucket():

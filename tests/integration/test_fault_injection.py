@@ -3,8 +3,9 @@ import pytest
 
 import fault_injection
 
+pytestmark = pytest.mark.slow  # integration: real trainer runs, launchers and signals
 
-@pytest.mark.slow
+
 def test_kill9_at_random_instants_never_corrupts_and_ends_exact(tmp_path, capsys):
     assert fault_injection.main(["--count", "3", "--seed", "1", "--work", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -11,12 +11,12 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import assert_same, run
-from helpers import content_snapshot
+from conftest import run
+from helpers import assert_same, content_snapshot
 from trainer_runs import BASE, final_state, launcher, train
 
 from dcp_resume import CheckpointManager
-from latentwire.demo import COMPARED
+from latentwire.exactness import COMPARED
 
 pytestmark = pytest.mark.slow  # integration: the real trainer, run once per flag combination
 

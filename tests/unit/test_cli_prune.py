@@ -10,7 +10,8 @@ import socket
 import subprocess
 
 import pytest
-from cli_helpers import cli, copy_run, damage, run_main, snapshot, trained_runs
+from cli_helpers import cli, copy_run, damage, run_main, trained_runs
+from helpers import stat_snapshot
 
 from dcp_resume.layout import utc_now_iso
 from dcp_resume.savedir_lock import LOCK_FILE
@@ -31,10 +32,10 @@ def checkpoints(save_dir):
 
 
 def test_dry_run_changes_nothing_and_prune_does_what_it_showed(save_dir):
-    before = snapshot(save_dir)
+    before = stat_snapshot(save_dir)
     dry = cli("prune", save_dir, "--keep", "1", "--dry-run")
     dry_no_best = run_main("prune", save_dir, "--keep", "2", "--no-keep-best", "--dry-run")
-    assert snapshot(save_dir) == before  # not a file, directory or mtime changed; no lock file taken
+    assert stat_snapshot(save_dir) == before  # not a file, directory or mtime changed; no lock file taken
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.splitlines() == [
         "would remove step_3 (beyond the newest 1)",
@@ -58,14 +59,14 @@ def test_refuses_while_a_live_job_holds_the_lock(save_dir):
         lock = os.path.join(save_dir, LOCK_FILE)
         with open(lock, "w") as f:  # what a training job's rank 0 writes at its first save
             json.dump({"host": socket.gethostname(), "pid": holder.pid, "start_time": utc_now_iso()}, f)
-        before = snapshot(save_dir)
+        before = stat_snapshot(save_dir)
         r = run_main("prune", save_dir, "--keep", "1")
         assert r.returncode == 1 and r.stdout == ""
         assert r.stderr.startswith(f"dcp-resume: error: not pruning: {save_dir} is in use by another writer: "
                                    f"{os.path.realpath(save_dir)}/{LOCK_FILE} is held by pid {holder.pid} on host "
                                    f"{socket.gethostname()}")
         assert r.stderr.count("\n") == 1
-        assert snapshot(save_dir) == before
+        assert stat_snapshot(save_dir) == before
     finally:
         holder.kill()
         holder.wait()

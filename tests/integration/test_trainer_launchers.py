@@ -7,10 +7,11 @@ from collections import Counter
 import pytest
 from trainer_runs import final_state, launcher, train, train_until_killed
 
+pytestmark = pytest.mark.slow  # integration: real trainer runs, launchers and signals
+
 SHORT = ["--tiny", "--samples", "48", "--save_every", "3", "--epochs", "1"]
 
 
-@pytest.mark.slow
 def test_accelerate_launch_saves_resumes_and_extends_epochs(tmp_path):
     cmd = launcher(2, "accelerate")
     first = train(cmd, *SHORT, "--batch_size", "4", "--save_dir", tmp_path).stdout
@@ -37,7 +38,6 @@ def _seen(trace_prefix, up_to_step=None, after_step=None):
     return ids
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("first,second", [
     ((1, "python", 4), (1, "python", 6)),      # the guide's OOM scenario: resume with another batch size
     ((2, "torchrun", 4), (1, "python", 4)),    # world size 2 -> 1

@@ -3,7 +3,8 @@ import os
 
 import torch
 from common import Tiny
-from conftest import assert_same, torchrun
+from conftest import torchrun
+from helpers import assert_same
 
 from dcp_resume import CheckpointManager, IncompleteCheckpointError
 

@@ -7,6 +7,8 @@ from conftest import torchrun
 
 from dcp_resume import CheckpointManager
 
+pytestmark = pytest.mark.slow  # integration: real trainer runs, launchers and signals
+
 
 def lines(out: str, prefix: str, value: str = ".*") -> dict[int, str]:
     return {int(m.group(1)): m.group(2) for m in re.finditer(rf"^rank (\d+) {prefix}({value})", out, re.M)}
@@ -18,7 +20,6 @@ def saved(tmp_path_factory):
     return save_dir, torchrun(3, "per_rank_state.py", "save", save_dir).stdout
 
 
-@pytest.mark.slow
 def test_each_rank_gets_its_own_state_back_at_three_ranks(saved):
     save_dir, out = saved
     assert lines(out, "obj ") == {r: f"{100 + r} {100 + r} same 7 loaded ['model', 'obj', 'same']" for r in range(3)}
@@ -28,14 +29,12 @@ def test_each_rank_gets_its_own_state_back_at_three_ranks(saved):
     assert loaded["same"]["v"] == 7 and "same" not in loaded["__per_rank__"]["rank0"]  # agreed: stored once
 
 
-@pytest.mark.slow
 def test_plain_ddp_at_three_ranks_warns_once_and_exact_gradient_sync_silences_it(saved):
     _, out = saved
     assert lines(out, "inexact warnings: ", r"\d+") == {0: "1", 1: "1", 2: "1"}  # the first save only, before the fix
     assert "Call dcp_resume.exact_ddp(module) to wrap (DDP with find_unused_parameters=True)" in lines(out, "warning: ")[0]
 
 
-@pytest.mark.slow
 def test_another_world_size_refuses_naming_the_state_or_leaves_it_fresh(saved):
     save_dir, _ = saved
     out = torchrun(2, "per_rank_state.py", "load", save_dir).stdout

@@ -6,11 +6,13 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, _free_port, assert_same
-from helpers import env  # noqa: F401
+from conftest import ROOT, _free_port
+from helpers import assert_same, env  # noqa: F401
 from trainer_runs import TRAIN, final_state, kill_tree, launcher, train, train_until_killed  # noqa: F401
 
-from latentwire.demo import COMPARED
+from latentwire.exactness import COMPARED
+
+pytestmark = pytest.mark.slow  # integration: real trainer runs, launchers and signals
 
 # 48 samples / (2 x ranks) per step: 8 steps an epoch at 3 ranks, 6 at 4, so step_3 is mid-epoch.
 FLAGS = ["--tiny", "--samples", "48", "--batch_size", "2", "--save_every", "3", "--epochs", "2", "--seed", "22"]
@@ -39,7 +41,6 @@ def assert_same_final(ref, run, nproc):
     assert b["counters"]["world_size"] == nproc
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("nproc,extra", [(3, ()), (4, ()), (4, ("--fsdp",))], ids=["ddp3", "ddp4", "fsdp2_4"])
 def test_kill9_and_resume_is_bit_identical(tmp_path, references, checker, nproc, extra):
     cmd, run = launcher(nproc), tmp_path / "run"
@@ -83,7 +84,6 @@ def run_two_nodes(tmp_path, *args, kill_after: str | None = None) -> str:
             p.wait()
 
 
-@pytest.mark.slow
 def test_two_nodes_killed_and_resumed_match_four_standalone_ranks(tmp_path, references):
     run = tmp_path / "run"
     out = run_two_nodes(tmp_path, *FLAGS, "--save_dir", run, kill_after=f"Saved checkpoint: {run}/step_3")

@@ -6,8 +6,6 @@ test process installs the same guard for the module.
 """
 import json
 import os
-import runpy
-import socket
 import subprocess
 import sys
 
@@ -18,28 +16,21 @@ pytest.importorskip("moto")
 
 import torch  # noqa: E402
 from common import Tiny  # noqa: E402
-from conftest import ROOT, assert_same, torchrun  # noqa: E402
-from s3_emulator import NETGUARD, S3Emulator, restore_env  # noqa: E402
+from conftest import ROOT, torchrun  # noqa: E402
+from helpers import assert_same  # noqa: E402
+import s3_emulator  # noqa: E402
 from trainer_runs import BASE, final_state, launcher, train, train_until_killed  # noqa: E402
 
 from dcp_resume import CheckpointManager, CorruptCheckpointError, SaveDirLockedError, StorageError  # noqa: E402
-from latentwire.demo import COMPARED  # noqa: E402
+from latentwire.exactness import COMPARED  # noqa: E402
 
 pytestmark = pytest.mark.slow  # integration: a moto S3 server and real trainer runs against it
 
 
 @pytest.fixture(scope="module")
 def s3():
-    emu = S3Emulator()
-    saved_env = emu.apply_env()
-    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
-    runpy.run_path(f"{NETGUARD}/sitecustomize.py")  # this process too: only 127.0.0.1
-    try:
+    with s3_emulator.running() as emu:
         yield emu
-    finally:
-        socket.socket.connect, socket.socket.connect_ex = connect, connect_ex
-        restore_env(saved_env)
-        emu.stop()
 
 
 def checkpoints(fs, url: str) -> list[str]:
@@ -56,7 +47,6 @@ def tiny_state(seed: int) -> dict:
     return {"model": model, "optimizer": opt}
 
 
-@pytest.mark.slow
 def test_two_rank_training_on_s3_killed_and_resumed_is_bit_identical(s3, reference_run):
     url = f"s3://{s3.new_bucket()}/run1"
     cmd = launcher(2, "torchrun")

@@ -5,11 +5,13 @@ import json
 import signal
 
 import pytest
-from conftest import assert_same
+from helpers import assert_same
 from trainer_runs import BASE, final_state, launcher, train, train_and_signal
 
 from dcp_resume import PREEMPTED_EXIT_CODE, CheckpointManager
-from latentwire.demo import COMPARED
+from latentwire.exactness import COMPARED
+
+pytestmark = pytest.mark.slow  # integration: real trainer runs, launchers and signals
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,6 @@ def _preempted(save_dir, sig, target, trace):
     return out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("sig,target", [(signal.SIGTERM, "workers"), (signal.SIGTERM, "launcher"),
                                         (signal.SIGINT, "group")],
                          ids=["sigterm_every_worker", "sigterm_torchrun_only", "sigint_process_group"])
@@ -52,7 +53,6 @@ def test_signal_saves_agreed_checkpoint_and_resume_is_exact(tmp_path, reference,
         assert_same(reference[key], resumed[key], key)
 
 
-@pytest.mark.slow
 def test_signal_to_one_rank_still_gives_one_agreed_checkpoint(tmp_path):
     _preempted(tmp_path / "run", signal.SIGUSR1, "rank0", str(tmp_path / "trace"))
 

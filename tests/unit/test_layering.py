@@ -2,6 +2,7 @@
 to hide a cycle): the layer list in README.md holds."""
 import ast
 import os
+import re
 
 from conftest import ROOT
 
@@ -68,3 +69,20 @@ def test_no_cycles_and_no_function_local_imports():
         if m != "dcp_resume":
             visit(m)
     assert len(done) > 30  # the walk saw the package
+
+
+def test_test_tiers_are_their_directories():
+    """tests/integration: every module marked slow as a whole (module-level pytestmark); tests/unit: nothing
+    marked slow, so `-m "not slow"` is exactly the unit tier."""
+    def text(tier, f):
+        return open(os.path.join(ROOT, "tests", tier, f)).read()
+
+    tiers = {tier: sorted(f for f in os.listdir(os.path.join(ROOT, "tests", tier)) if f.startswith("test_"))
+             for tier in ("unit", "integration")}
+    unmarked = [f for f in tiers["integration"]
+                if not re.search(r"^pytestmark = pytest\.mark\.slow", text("integration", f), re.M)]
+    slow_units = [f for f in tiers["unit"] if re.search(r"^(@|pytestmark = )pytest\.mark\.slow", text("unit", f), re.M)]
+    assert (unmarked, slow_units) == ([], []), "move the module to the tier it belongs to"
+    loose = [f for f in os.listdir(os.path.join(ROOT, "tests")) if f.startswith("test_")]
+    assert loose == [], "tests/test_*.py: put each module in tests/unit or tests/integration"
+    assert len(tiers["unit"]) > 15 and len(tiers["integration"]) > 15

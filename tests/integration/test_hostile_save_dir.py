@@ -14,6 +14,8 @@ from helpers import env
 
 from dcp_resume import CheckpointManager
 
+pytestmark = pytest.mark.slow  # integration: real trainer runs, launchers and signals
+
 SHARD = "state/__0_0.distcp"
 
 
@@ -213,7 +215,6 @@ def _cap_memory(limit):
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # reading /dev/zero must fail here, not the machine
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(DAMAGE))
 def test_damaged_newest_checkpoint_is_skipped_by_every_reader(probes, name):
     d, code, stdout, stderr = probes[name]

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from common import full_state, make_training, train_steps
-from conftest import ROOT, assert_same, run
-from helpers import content_snapshot
+from conftest import ROOT, run
+from helpers import assert_same, content_snapshot
 from trainer_runs import train_until_killed
 
 from dcp_resume import ExperimentCheckpointer

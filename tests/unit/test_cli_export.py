@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 from cli_helpers import cli_many, copy_run, damage, run_main, trained_runs
+from helpers import assert_same
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -54,19 +55,13 @@ def plain_dcp_model(checkpoint: str, tmp_path) -> dict[str, torch.Tensor]:
     return torch.load(tmp_path / "all.pt", weights_only=False)["model"]
 
 
-def assert_bit_equal(got: dict, want: dict) -> None:
-    assert sorted(got) == sorted(want)
-    for k in want:
-        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
-
-
 def test_fsdp2_two_ranks_bit_equal_to_plain_dcp_and_loads(exported, runs, tmp_path):
     r, out = exported["fsdp2"]
     assert r.returncode == 0, r.stderr
     assert re.fullmatch(rf"Exported 95 tensors \([\d.]+ MB, float32\) of step 12 from \S+/step_12 to {out} "
                         r"\(safetensors\)\n", r.stdout)
     got = load_file(out)
-    assert_bit_equal(got, plain_dcp_model(os.path.join(runs["fsdp2_ws2"], "step_12"), tmp_path))
+    assert_same(got, plain_dcp_model(os.path.join(runs["fsdp2_ws2"], "step_12"), tmp_path))
     model = LatentWire(ModelConfig(**TINY))
     model.load_state_dict(got)  # strict: plain names, nothing missing or extra
     with safe_open(out, "pt") as f:
@@ -80,7 +75,7 @@ def test_prefix_and_dtype_select_one_component(exported, runs, tmp_path):
     got = load_file(out)
     ref = plain_dcp_model(os.path.join(runs["fsdp2_ws2"], "step_12"), tmp_path)
     want = {k.removeprefix("encoder."): v.to(torch.bfloat16) for k, v in ref.items() if k.startswith("encoder.")}
-    assert_bit_equal(got, want)
+    assert_same(got, want)
     encoder = LatentWire(ModelConfig(**TINY)).encoder
     encoder.load_state_dict(got)  # names relative to --prefix: the file loads into the submodule
     assert torch.equal(encoder.pos.data, want["pos"].float())
@@ -98,7 +93,7 @@ def test_one_rank_torch_format_bit_equal(exported, runs, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.endswith(f"to {out} (torch)\n")
     got = torch.load(out, weights_only=True)
-    assert_bit_equal(got, plain_dcp_model(os.path.join(runs["ws1"], "step_4"), tmp_path))
+    assert_same(got, plain_dcp_model(os.path.join(runs["ws1"], "step_4"), tmp_path))
     LatentWire(ModelConfig(**TINY)).load_state_dict(got)
 
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 from common import Tiny, full_state, make_training, train_steps
-from conftest import assert_same
+from helpers import assert_same
 
 from dcp_resume import CheckpointManager
 

@@ -9,6 +9,8 @@ from collections import Counter
 import pytest
 from conftest import ROOT, _free_port, run
 
+pytestmark = pytest.mark.slow  # integration: real trainer runs, launchers and signals
+
 SCRIPT = f"{ROOT}/tests/users/stateful_loader.py"
 N = 40  # samples; 4 per rank per step: 5 steps an epoch at 2 ranks
 
@@ -49,7 +51,6 @@ def stopped(tmp_path_factory):
     return out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["distributed", "resumable"])
 def test_same_world_size_resume_is_exact_with_workers(stopped, sampler):
     d, ref = stopped[sampler]
@@ -58,7 +59,6 @@ def test_same_world_size_resume_is_exact_with_workers(stopped, sampler):
     assert trace(d / "run.t", 2) == trace(d / "ref.t", 2)  # every rank, every step, the same sample ids
 
 
-@pytest.mark.slow
 def test_another_world_size_refuses_the_per_rank_loader_by_name(stopped):
     d, _ = stopped["distributed"]
     before = sorted(p.name for p in (d / "other").rglob("*"))
@@ -70,7 +70,6 @@ def test_another_world_size_refuses_the_per_rank_loader_by_name(stopped):
     assert sorted(p.name for p in (d / "other").rglob("*")) == before
 
 
-@pytest.mark.slow
 def test_resumable_sampler_reshards_the_loader_to_one_rank(stopped):
     d, _ = stopped["resumable"]
     proc = launch(1, "--save_dir", d / "other", "--trace", d / "other.t", "--sampler", "resumable", "--resume")

@@ -3,13 +3,14 @@ bit-identical to one that never stopped (model, optimizer, scheduler, data posit
 import json
 
 import pytest
-from conftest import assert_same
+from helpers import assert_same
 from trainer_runs import BASE, final_state, launcher, train, train_until_killed
 
-from latentwire.demo import COMPARED
+from latentwire.exactness import COMPARED
+
+pytestmark = pytest.mark.slow  # integration: real trainer runs, launchers and signals
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("nproc,kind,extra", [(1, "python", []), (2, "torchrun", []), (2, "torchrun", ["--fsdp"])],
                          ids=["python", "torchrun_ddp", "torchrun_fsdp2"])
 def test_kill9_mid_epoch_then_auto_resume_is_bit_identical(tmp_path, nproc, kind, extra, checker, reference_run):

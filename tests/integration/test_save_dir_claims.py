@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from cli_helpers import snapshot
+from helpers import stat_snapshot
 from common import Tiny
 from conftest import ROOT, WORKERS, run
 from filesystems import mounted
@@ -15,6 +15,8 @@ from trainer_runs import BASE, launcher
 
 from dcp_resume import CheckpointManager
 from dcp_resume.cli import main as cli
+
+pytestmark = pytest.mark.slow  # integration: real trainer runs, launchers and signals
 
 
 def _train(*args):
@@ -40,22 +42,20 @@ def finished(tmp_path_factory):
     return save_dir
 
 
-@pytest.mark.slow
 def test_a_fresh_run_into_a_used_save_dir_is_refused_untouched(finished):
-    before = snapshot(finished)
+    before = stat_snapshot(finished)
     line = _refused(_train("--save_dir", finished), f"save_dir {finished} already holds",
                     "a new run starting at step 0 would reuse its step numbers", "--auto_resume", "new save_dir")
     assert "(step 24)" in line
-    assert snapshot(finished) == before
+    assert stat_snapshot(finished) == before
 
 
-@pytest.mark.slow
 def test_a_rewind_into_the_same_save_dir_is_refused_untouched(finished):
     oldest = min((n for n in os.listdir(finished) if n.startswith("step_")), key=lambda n: int(n[5:]))
-    before = snapshot(finished)
+    before = stat_snapshot(finished)
     _refused(_train("--save_dir", finished, "--resume_from", f"{finished}/{oldest}", "--keep_last_n", 1),
              f"newer than {finished}/{oldest} (step {oldest[5:]})", "give the rewound run a new save_dir")
-    assert snapshot(finished) == before
+    assert stat_snapshot(finished) == before
 
 
 def _holder(save_dir, seconds):
@@ -65,20 +65,18 @@ def _holder(save_dir, seconds):
     return proc
 
 
-@pytest.mark.slow
 def test_a_second_job_on_a_busy_save_dir_is_refused_before_it_trains(finished):
     holder = _holder(finished, 120)
     try:
-        before = snapshot(finished)
+        before = stat_snapshot(finished)
         _refused(_train("--save_dir", finished, "--auto_resume", "--lock_wait_s", 1),
                  f"{finished} is in use by another writer", f"pid {holder.pid}", "save to another save_dir")
-        assert snapshot(finished) == before  # not even a line in the other job's train.log
+        assert stat_snapshot(finished) == before  # not even a line in the other job's train.log
     finally:
         holder.kill()
         holder.wait()
 
 
-@pytest.mark.slow
 def test_a_short_lock_holder_such_as_prune_is_waited_for(finished):
     holder = _holder(finished, 3)
     proc = _train("--save_dir", finished, "--auto_resume", "--lock_wait_s", 60)
