@@ -23,7 +23,7 @@ from typing import Callable
 from torch.distributed.checkpoint import CheckpointException
 
 from . import artifacts as artifacts_mod
-from . import dcp_io, disk_guard, hashing, integrity, layout
+from . import dcp_io, disk_guard, hashing, incremental, integrity, layout
 from .distributed import CommitGroup, first_line, peer_failure, rank, world_size
 from .errors import CheckpointExistsError, CheckpointSaveError
 from .logs import logger
@@ -71,16 +71,23 @@ def prepare(store: Storage, path: str, kind: str, *, save_dir: str, last_bytes: 
 
 
 def write_and_commit(store: Storage, payload: dict, extras: dict, path: str, commit: dict, group: CommitGroup,
-                     save_dir: str) -> int:
-    """Steps 2-4 on every rank (inline for sync saves, on the background thread for async ones). Returns the
-    bytes the committed checkpoint's files take; raises CheckpointSaveError with nothing committed."""
+                     save_dir: str, reuse: incremental.Reuse | None = None) -> int:
+    """Steps 2-4 on every rank (inline for sync saves, on the background thread for async ones). `payload`
+    holds what changed; `reuse` names what the previous checkpoint holds instead (rank 0 links it into
+    state/ and its DCP index). Returns the bytes the committed checkpoint's files take; raises
+    CheckpointSaveError with nothing committed."""
     step = commit["step"]
     state_dir = os.path.join(path, layout.STATE_DIR)
     try:
         with failures_named(f"save of step {step} to {path}", store, save_dir, group.timeout_s):
             dcp_io.save(store, payload, state_dir, group.group)
+            linked = {}
+            if reuse is not None and reuse.base is not None:
+                linked = group.run_on_rank0(lambda: incremental.merge_index(store, state_dir, reuse))
             mine = {f"{layout.STATE_DIR}/{n}": hashing.file_info(store, os.path.join(state_dir, n))
                     for n in dcp_io.shard_files_of_rank(store, state_dir, rank())}
+            if rank() == 0:
+                mine.update(linked)
             reported = group.gather(mine)
         with failures_named(f"commit of step {step} to {path}", store, save_dir, group.timeout_s):
             return group.run_on_rank0(lambda: _commit(store, path, reported, save_dir=save_dir, extras=extras,
@@ -99,7 +106,7 @@ def write_and_commit(store: Storage, payload: dict, extras: dict, path: str, com
 
 
 def _commit(store: Storage, path: str, reported: list[dict], *, save_dir: str, step, epoch, kind, is_best, metrics,
-            best_metric, config, training_stats, extras) -> int:
+            best_metric, config, training_stats, extras, fingerprints=None) -> int:
     """Rank 0, after every rank wrote its shards: side files, then metadata.json last."""
     files: dict[str, dict] = {}
     for rank_files in reported:
@@ -119,7 +126,8 @@ def _commit(store: Storage, path: str, reported: list[dict], *, save_dir: str, s
                                   f"DCP .metadata in {path}/state; not committing it")
     store.sync_dir(os.path.join(path, layout.STATE_DIR))
     meta = layout.build_metadata(step=step, epoch=epoch, kind=kind, world_size=world_size(),
-                                 is_best=is_best, metrics=metrics, best_metric=best_metric, files=files)
+                                 is_best=is_best, metrics=metrics, best_metric=best_metric, files=files,
+                                 fingerprints=fingerprints)
     store.commit_json_atomically(os.path.join(path, layout.METADATA_FILE), meta)
     store.sync_dir(save_dir)
     return sum(info["size"] for info in files.values())

@@ -38,8 +38,8 @@ DCP_METADATA = ".metadata"
 SHARD_SUFFIX = ".distcp"
 METADATA_LIMIT = 2 << 30  # a .metadata past 2 GiB (millions of tensor chunks) is damage, not read into memory
 
-__all__ = ["save", "load", "read_metadata", "flat_keys", "template_from_metadata", "saved_paths",
-           "shard_files_of_rank"]
+__all__ = ["save", "load", "read_metadata", "write_metadata", "flat_keys", "flatten", "template_from_metadata",
+           "saved_paths", "shard_files_of_rank"]
 
 
 @contextlib.contextmanager
@@ -211,6 +211,16 @@ def flat_keys(value: dict[str, Any]) -> dict[str, Any]:
     """DCP's flattened view of a nested state dict: key -> leaf."""
     flat, _ = flatten_state_dict(value)
     return flat
+
+
+def flatten(value: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """(key -> leaf, key -> its path in the nested dict), as DCP flattens a state dict for saving."""
+    return flatten_state_dict(value)
+
+
+def write_metadata(store: Storage, state_dir: str, metadata: Metadata) -> None:
+    """Replace state_dir's DCP index atomically (rank 0, before the commit), pickled as DCP pickles it."""
+    store.commit_atomically(os.path.join(state_dir, DCP_METADATA), pickle.dumps(metadata))
 
 
 def template_from_metadata(meta: Metadata, top_keys: set[str] | None, map_location,

@@ -3,8 +3,8 @@
 A checkpoint's bytes are trusted on load only after every file metadata.json lists has been read in full and
 matched its recorded content hash (hashing.py; sizes are already checked by layout.inspect_dir). Hashing
 before the load, not while DCP reads, is the only order that keeps a flipped bit out of live objects: DCP
-restores in place and reads only the byte ranges a load needs. The read leaves the files in the page cache for DCP's own read
-(its cost: benchmarks/README.md, "hash_cost.py").
+restores in place and reads only the byte ranges a load needs. The read leaves the files in the page cache for
+DCP's own read (its cost: benchmarks/README.md, "hash_cost.py").
 
 Results are cached by the checkpoint's real path (or URL) plus the signature of metadata.json and of every
 listed file (size, mtime, inode; on an object store size, ETag and modification time): find_latest_checkpoint

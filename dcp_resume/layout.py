@@ -159,7 +159,8 @@ def latest_complete(store: Storage, save_dir: str, infos: list[CheckpointInfo] |
 
 
 def build_metadata(*, step: int, epoch: int, kind: str, world_size: int, is_best: bool,
-                   metrics: dict | None, best_metric: Any, files: dict[str, dict]) -> dict[str, Any]:
+                   metrics: dict | None, best_metric: Any, files: dict[str, dict],
+                   fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
     meta = {
         "format_version": FORMAT_VERSION,
         "step": int(step),
@@ -174,4 +175,6 @@ def build_metadata(*, step: int, epoch: int, kind: str, world_size: int, is_best
         "torch_version": torch.__version__,
         "dcp_resume_version": __version__,
     }
+    if fingerprints:
+        meta["fingerprints"] = fingerprints  # incremental.py: what the next save compares its tensors with
     return meta

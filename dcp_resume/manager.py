@@ -11,7 +11,7 @@ from typing import Any
 
 from . import accelerate_loaders
 from . import artifacts as artifacts_mod
-from . import commit, dcp_io, integrity, layout, live_state, per_rank, run_start, savedir_lock
+from . import commit, dcp_io, incremental, integrity, layout, live_state, per_rank, run_start, savedir_lock
 from .distributed import CommitGroup, rank, world_size
 from .errors import (
     CheckpointNotFoundError,
@@ -177,14 +177,17 @@ class CheckpointManager:
                 self.last_blocking_s = time.perf_counter() - t0
                 return path
             payload = live_state.to_save(state, self._group, rank(), world_size())
+            reuse = self._plan_reuse(payload, path)
+            payload = incremental.without(payload, reuse.keys)  # staged and written: only what changed
+            commit_args["fingerprints"] = reuse.fingerprints
         if not self.async_save:
-            self._write_and_commit(payload, extras, path, commit_args, self._group, t0)
+            self._write_and_commit(payload, extras, path, commit_args, self._group, t0, reuse)
             self.last_blocking_s = time.perf_counter() - t0
             return path
         staged = self._staging.stage(payload)
         group = self._background_group
         group.group  # noqa: B018  (created here, in the main thread, in the same order on every rank)
-        future = self._executor.submit(self._write_and_commit, staged, extras, path, commit_args, group, t0)
+        future = self._executor.submit(self._write_and_commit, staged, extras, path, commit_args, group, t0, reuse)
         future.add_done_callback(lambda f: _log_failure(f, step))  # said when it happens; raised by wait()
         self._in_flight = (step, path, future)
         self.last_blocking_s = time.perf_counter() - t0
@@ -274,15 +277,26 @@ class CheckpointManager:
 
     # -- internals --------------------------------------------------------------------------------
     def _write_and_commit(self, payload: dict, extras: dict, path: str, commit_args: dict, group: CommitGroup,
-                          t0: float) -> None:
+                          t0: float, reuse: incremental.Reuse) -> None:
         """The protocol's write and commit (commit.py), then retention and the log line on rank 0."""
-        size = commit.write_and_commit(self.storage, payload, extras, path, commit_args, group, self.save_dir)
+        size = commit.write_and_commit(self.storage, payload, extras, path, commit_args, group, self.save_dir,
+                                       reuse)
         self._last_bytes = size
         if rank() == 0:
             self._apply_retention(protect=path)
             logger.info("Saved checkpoint: %s (%.1f MB, %.2f s)", path, size / 1e6, time.perf_counter() - t0)
             if self.on_commit is not None:
                 self.on_commit(path)
+
+    def _plan_reuse(self, payload: dict, path: str) -> incremental.Reuse:
+        """Collective: the tensors this save takes from save_dir's newest complete checkpoint (not `path`)."""
+        if not self.options.incremental:
+            return incremental.Reuse()
+        base = None
+        if rank() == 0:
+            done = [i for i in layout.list_checkpoints(self.storage, self.save_dir) if i.complete and i.path != path]
+            base = max(done, key=lambda i: i.order, default=None)
+        return incremental.plan(incremental.reusable(payload), base, self._group)
 
     def _failures_named(self, what: str):
         return commit.failures_named(what, self.storage, self.save_dir, self._group.timeout_s)

@@ -42,6 +42,9 @@ class CheckpointOptions:
     """fsspec options for a URL save_dir (endpoint, credentials); never written to any checkpoint."""
     lock_wait_s: float = 30.0
     """How long a live holder of the save_dir lock (e.g. `dcp-resume prune`) is waited for."""
+    incremental: bool = True
+    """Tensors whose bytes match save_dir's previous checkpoint (frozen weights, buffers) are linked from it,
+    not staged nor written again (incremental.py). False: every save writes everything."""
 
     def __post_init__(self) -> None:
         if self.keep_last_n is not None and (not _is_int(self.keep_last_n) or self.keep_last_n < 1):

@@ -37,6 +37,10 @@ class StagingBuffers:
             del self.buffers[stale]
         return unflatten_state_dict(staged, mapping)
 
+    def nbytes(self) -> int:
+        """Host memory the buffers hold now (this rank's shards)."""
+        return sum(b.to_local().nbytes if isinstance(b, DTensor) else b.nbytes for b in self.buffers.values())
+
     def _copy(self, key: str, src: torch.Tensor) -> torch.Tensor:
         buf = self.buffers.get(key)
         if isinstance(src, DTensor):

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(default) training waits only for a copy of the state; writing and the commit run "
                         "in the background")
     c.add_argument("--no_async_save", dest="async_save", action="store_false", help="wait for whole saves")
+    c.add_argument("--no_incremental", dest="incremental", action="store_false", default=True,
+                   help="write every tensor at every save (default: the frozen LMs and anything else unchanged "
+                        "since the previous checkpoint are linked from it)")
     c.add_argument("--collective_timeout_s", type=float, default=600.0,
                    help="how long any collective (gradient sync, save, preemption agreement) waits for other "
                         "ranks before the run fails with the step named: a hung or dead rank ends the job")

@@ -62,7 +62,7 @@ class Trainer:
                                          storage_options=args.storage_options,
                                          async_save=args.async_save,
                                          collective_timeout_s=args.collective_timeout_s,
-                                         lock_wait_s=args.lock_wait_s,
+                                         lock_wait_s=args.lock_wait_s, incremental=args.incremental,
                                          on_commit=lambda path: self.log.info(f"Saved checkpoint: {path}"))
         # The save_dir is claimed (writable, locked, nothing newer than where this run starts) before anything
         # is logged into it or trained: a busy or mismatched save_dir is refused in one sentence at start.

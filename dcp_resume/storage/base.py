@@ -42,6 +42,7 @@ class Storage:
     def dcp_writer(self, state_dir: str): raise NotImplementedError
     def dcp_reader_class(self) -> tuple[type, dict[str, Any]]: raise NotImplementedError
     def absolute(self, path: str) -> str: raise NotImplementedError
+    def link(self, src: str, dst: str) -> None: raise NotImplementedError
 
     # -- shared helpers -------------------------------------------------------------------------------
     @staticmethod

@@ -1,6 +1,7 @@
 """The local filesystem backend: the default fast path (plain os calls, fsync, atomic rename)."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -138,6 +139,19 @@ class LocalStorage(Storage):
 
     def remove_file(self, path: str) -> None:
         os.unlink(path)
+
+    def link(self, src: str, dst: str) -> None:
+        """dst becomes the same file as src (a hard link: no byte copied, the bytes live while either name
+        does). Where the filesystem has no hard links, a durable copy."""
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            with open(_open_regular(src), "rb") as f, open(dst, "wb") as out:
+                shutil.copyfileobj(f, out, 16 << 20)
+                out.flush()
+                os.fsync(out.fileno())
 
     def mtime(self, path: str) -> float:
         return os.path.getmtime(path)

@@ -1,11 +1,14 @@
 """The trainer's promise: killed with SIGKILL mid-epoch and resumed with --auto_resume, a run ends
-bit-identical to one that never stopped (model, optimizer, scheduler, data position, counters)."""
+bit-identical to one that never stopped (model, optimizer, scheduler, data position, counters), with
+incremental checkpoints: the frozen LMs are linked from earlier checkpoints, not written again."""
 import json
 
 import pytest
 from helpers import assert_same
 from trainer_runs import BASE, final_state, launcher, train, train_until_killed
 
+from dcp_resume import dcp_io
+from dcp_resume.storage import open_storage
 from latentwire.exactness import COMPARED
 
 pytestmark = pytest.mark.slow  # integration: real trainer runs, launchers and signals
@@ -29,6 +32,12 @@ def test_kill9_mid_epoch_then_auto_resume_is_bit_identical(tmp_path, nproc, kind
         assert_same(a[key], b[key], key)
     assert a["counters"]["epoch"] == 2 and a["counters"]["world_size"] == nproc
     assert checker(run).returncode == 0
+    final = run / f"step_{meta_b['step']}"
+    index = dcp_io.read_metadata(open_storage(final), str(final / "state"))
+    stored = {i.fqn: where.relative_path for i, where in index.storage_data.items()}
+    frozen = [fqn for fqn in stored if fqn.startswith(("model.lm_llama.", "model.lm_qwen."))]
+    assert frozen and all(stored[f].startswith("ref.") for f in frozen)  # linked from an earlier checkpoint
+    assert all(not p.startswith("ref.") for f, p in stored.items() if f.startswith("model.adapter_"))
     configs = [json.load(open(d / f"step_{meta_a['step']}" / "config.json")) for d in (ref, run)]
     assert [c["async_save"] for c in configs] == [False, True]
     log = (run / "logs" / "train.log").read_text()

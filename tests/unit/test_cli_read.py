@@ -109,7 +109,14 @@ def test_latest_skips_the_corrupt_one_with_a_warning(out, damaged):
                         rf"hash mismatch \(xxh3_64 of the file is {HEX}, metadata.json records {HEX}\)\n", r.stderr)
 
 
-def test_verify_save_dir_names_the_bad_file(out):
+def _counts(ckpt) -> tuple[int, int]:
+    """(files metadata.json lists, shard files in state/): what verify's OK line and inspect report. A
+    trainer checkpoint after the first also holds links to the shards of earlier ones (incremental.py)."""
+    listed = json.load(open(os.path.join(ckpt, "metadata.json")))["files"]
+    return len(listed), sum(rel.endswith(".distcp") for rel in listed)
+
+
+def test_verify_save_dir_names_the_bad_file(out, damaged):
     r = out["verify"]
     assert r.returncode == 1
     lines = r.stdout.splitlines()
@@ -118,21 +125,24 @@ def test_verify_save_dir_names_the_bad_file(out):
         ["INCOMPLETE", "step_15:"]]
     assert re.fullmatch(rf"BAD  step_12/{SHARD}: content hash mismatch \(xxh3_64 of the file is {HEX}, "
                         rf"metadata.json records {HEX}\)", lines[3])
-    assert re.fullmatch(r"OK   epoch1: 8 files, \d+\.\d MB, sizes and content hashes match; DCP index covers 2 "
-                        r"shard file\(s\)", lines[1])
+    files, shards = _counts(os.path.join(damaged, "epoch1"))
+    assert shards > 2  # epoch1 links shards of step_3 (the frozen LMs), next to the 2 its ranks wrote
+    assert re.fullmatch(rf"OK   epoch1: {files} files, \d+\.\d MB, sizes and content hashes match; DCP index covers "
+                        rf"{shards} shard file\(s\)", lines[1])
     assert lines[-1] == "5 checkpoint directories: 3 OK, 1 BAD, 1 incomplete (interrupted saves)"
 
 
-def test_verify_quick_checks_sizes_only(out):
+def test_verify_quick_checks_sizes_only(out, damaged):
     r = out["verify_quick"]
     assert r.returncode == 0, r.stdout  # the flipped byte keeps the size: only hashes see it
-    assert "OK   step_12: 8 files" in r.stdout and "sizes match (--quick: contents not read)" in r.stdout
+    files = _counts(os.path.join(damaged, "step_12"))[0]
+    assert f"OK   step_12: {files} files" in r.stdout and "sizes match (--quick: contents not read)" in r.stdout
     assert r.stdout.splitlines()[-1] == "5 checkpoint directories: 4 OK, 0 BAD, 1 incomplete (interrupted saves)"
 
 
-def test_verify_one_checkpoint(out):
+def test_verify_one_checkpoint(out, damaged):
     assert out["verify_one_ok"].returncode == 0
-    assert out["verify_one_ok"].stdout.startswith("OK   step_9: 5 files")
+    assert out["verify_one_ok"].stdout.startswith(f"OK   step_9: {_counts(os.path.join(damaged, 'step_9'))[0]} files")
     r = out["verify_one_incomplete"]
     assert r.returncode == 1
     assert r.stdout == "INCOMPLETE  step_15: no metadata.json (save interrupted before its commit)\n"
@@ -158,7 +168,8 @@ def test_inspect(out, damaged):
     text = r.stdout
     assert text.startswith(f"epoch1: epoch checkpoint at step 6, epoch 1 ({damaged}/epoch1)\n")
     for pattern in (r"world size   2", r"is_best      True; best_metric \d", r"metrics      eval_loss=\d",
-                    r"written by   torch 2\.\d+.*, dcp-resume \d", r"files        8 listed in metadata.json",
+                    r"written by   torch 2\.\d+.*, dcp-resume \d",
+                    rf"files        {_counts(os.path.join(damaged, 'epoch1'))[0]} listed in metadata.json",
                     r"config.json  compression=telepathy dataset=synthetic samples=48 epochs=2 .*fsdp=True",
                     r"state: \d+ keys, [\d.]+ MB \(from state/.metadata; nothing loaded\)",
                     r"\n  model/ +95 keys +[\d.]+ MB\n", r"\n    encoder/ +16 keys",

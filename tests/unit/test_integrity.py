@@ -20,9 +20,10 @@ HEX = "[0-9a-f]{16}"
 
 @pytest.fixture
 def run_dir(tmp_path):
-    """step_1 and step_2, each with its own tag so a load shows which one it read."""
+    """step_1 and step_2, each with its own tag so a load shows which one it read. Not incremental, so each
+    holds its own files (damage to files checkpoints share: test_incremental.py)."""
     d = tmp_path / "run"
-    with CheckpointManager(d, keep_last_n=None, verbose=False) as mgr:
+    with CheckpointManager(d, keep_last_n=None, verbose=False, incremental=False) as mgr:
         for step in (1, 2):
             mgr.save_checkpoint({"model": Tiny(), "tag": f"step {step}"}, step=step)
     return d

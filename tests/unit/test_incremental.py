@@ -1,0 +1,213 @@
+"""Incremental checkpoints: tensors whose bytes did not change since save_dir's previous checkpoint are linked
+from it, not written; decided by content, so a frozen tensor edited in place is saved anew. Every checkpoint
+stays complete on its own: it loads, verifies, survives retention of the ones it shares bytes with, and plain
+DCP reads it without project code."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from helpers import flip_byte
+from torch import nn
+
+from dcp_resume import CheckpointManager
+from dcp_resume.incremental import _device_digest, fingerprint
+
+FROZEN_BYTES = 256 * 256 * 4
+
+
+class Frozen(nn.Module):
+    """A frozen 'LM' (256x256, 256 KiB) and a small trainable head: the shape of LatentWire's state."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = nn.Linear(256, 256)
+        self.lm.requires_grad_(False)
+        self.head = nn.Linear(256, 4)
+
+
+def train(model, opt, steps=1):
+    for _ in range(steps):
+        model.head(model.lm(torch.randn(8, 256))).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def state_files(ckpt) -> dict[str, tuple[int, int]]:
+    """state/ file -> (size, inode)."""
+    d = os.path.join(ckpt, "state")
+    return {n: (os.path.getsize(os.path.join(d, n)), os.stat(os.path.join(d, n)).st_ino) for n in os.listdir(d)}
+
+
+def plain_dcp_model(ckpt, out) -> dict:
+    """The checkpoint's model as plain DCP reads it, in a process that cannot import dcp_resume."""
+    code = ("import sys; sys.modules['dcp_resume'] = None\n"
+            "from torch.distributed.checkpoint.format_utils import dcp_to_torch_save\n"
+            f"dcp_to_torch_save({os.path.join(ckpt, 'state')!r}, {str(out)!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, timeout=120)
+    return torch.load(out, weights_only=False)["model"]
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dcp_resume.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+@pytest.fixture
+def trained(tmp_path):
+    torch.manual_seed(0)
+    model = Frozen()
+    opt = torch.optim.AdamW(model.head.parameters(), lr=0.01)
+    return model, opt, tmp_path / "run"
+
+
+def test_frozen_tensors_are_written_once_and_every_checkpoint_reads_alone(trained, tmp_path):
+    model, opt, run = trained
+    with CheckpointManager(run, keep_last_n=None, verbose=False) as mgr:
+        for step in (1, 2, 3):
+            train(model, opt)
+            mgr.save_checkpoint({"model": model, "optimizer": opt}, step=step)
+    first, second, third = (state_files(run / f"step_{s}") for s in (1, 2, 3))
+    assert first["__0_0.distcp"][0] > FROZEN_BYTES  # the first save writes everything
+    for later in (second, third):
+        assert later["__0_0.distcp"][0] < FROZEN_BYTES / 4  # only the head, its optimizer state, the counters
+        assert later["ref.step_1.__0_0.distcp"] == first["__0_0.distcp"]  # the same inode: a hard link
+    meta = json.loads((run / "step_3" / "metadata.json").read_text())
+    assert meta["files"]["state/ref.step_1.__0_0.distcp"] == \
+        json.loads((run / "step_1" / "metadata.json").read_text())["files"]["state/__0_0.distcp"]
+    assert meta["fingerprints"]["model.lm.weight@0,0"].startswith("xxh3_64:")
+    for step in (1, 2, 3):  # plain DCP, no project code, reads every checkpoint in full
+        plain = plain_dcp_model(run / f"step_{step}", tmp_path / f"plain{step}.pt")
+        assert torch.equal(plain["lm.weight"], model.lm.weight)
+    assert torch.equal(plain["head.weight"], model.head.weight)
+    verify = cli("verify", run)
+    assert verify.returncode == 0 and "3 checkpoint directories: 3 OK" in verify.stdout, verify.stdout
+    copy = tmp_path / "elsewhere" / "step_3"  # one checkpoint copied on its own (cp -r) is complete
+    copy.parent.mkdir()
+    subprocess.run(["cp", "-r", str(run / "step_3"), str(copy)], check=True)
+    assert cli("verify", copy).returncode == 0
+    back = Frozen()
+    CheckpointManager(copy.parent).load_checkpoint(str(copy), state={"model": back})
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.parametrize("edit", ["no_grad", "data"])
+def test_a_frozen_tensor_edited_in_place_is_saved_anew(trained, edit):
+    """Decided by content: `.data` edits do not even bump the tensor's version counter."""
+    model, opt, run = trained
+    with CheckpointManager(run, keep_last_n=None, verbose=False) as mgr:
+        mgr.save_checkpoint({"model": model}, step=1)
+        if edit == "no_grad":
+            with torch.no_grad():
+                model.lm.weight[3, 7] += 1.0
+        else:
+            model.lm.weight.data[3, 7] += 1.0
+        mgr.save_checkpoint({"model": model}, step=2)
+    assert state_files(run / "step_2")["__0_0.distcp"][0] > FROZEN_BYTES  # the edited weight, written again
+    back = Frozen()
+    CheckpointManager(run).load_checkpoint(str(run / "step_2"), state={"model": back})
+    assert torch.equal(back.lm.weight, model.lm.weight)  # the edit came back
+    old = Frozen()
+    CheckpointManager(run).load_checkpoint(str(run / "step_1"), state={"model": old})
+    assert not torch.equal(old.lm.weight, model.lm.weight)  # step_1 keeps the bytes it had
+
+
+def test_retention_keeping_one_leaves_a_complete_latest(trained):
+    model, opt, run = trained
+    with CheckpointManager(run, keep_last_n=1, verbose=False) as mgr:
+        for step in range(1, 6):
+            train(model, opt)
+            mgr.save_checkpoint({"model": model, "optimizer": opt}, step=step)
+    assert sorted(n for n in os.listdir(run) if n.startswith("step_")) == ["step_5"]
+    assert "ref.step_1.__0_0.distcp" in state_files(run / "step_5")  # step_1 is gone; its bytes are not
+    assert cli("verify", run).returncode == 0
+    back = Frozen()
+    CheckpointManager(run).load_checkpoint(state={"model": back})
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_corrupt_shared_file_fails_every_checkpoint_sharing_it(trained, caplog):
+    """step_2 rewrote the edited frozen weight; step_3 shares step_2's file. Damage there: both fail
+    verification by name, and resume falls back to step_1, which does not share it."""
+    model, opt, run = trained
+    with CheckpointManager(run, keep_last_n=None, verbose=False) as mgr:
+        mgr.save_checkpoint({"model": model, "optimizer": opt}, step=1)
+        with torch.no_grad():
+            model.lm.weight.mul_(2)
+        train(model, opt)
+        mgr.save_checkpoint({"model": model, "optimizer": opt}, step=2)
+        train(model, opt)
+        mgr.save_checkpoint({"model": model, "optimizer": opt}, step=3)
+    assert state_files(run / "step_3")["ref.step_2.__0_0.distcp"] == state_files(run / "step_2")["__0_0.distcp"]
+    flip_byte(run / "step_2" / "state" / "__0_0.distcp")
+    caplog.set_level("WARNING", logger="dcp_resume")
+    assert CheckpointManager(run).find_latest_checkpoint() == str(run / "step_1")
+    assert f"Skipping checkpoint {run / 'step_3'}: state/ref.step_2.__0_0.distcp content hash mismatch" in caplog.text
+    verify = cli("verify", run)
+    assert verify.returncode == 1
+    assert "BAD  step_2/state/__0_0.distcp: content hash mismatch" in verify.stdout
+    assert "BAD  step_3/state/ref.step_2.__0_0.distcp: content hash mismatch" in verify.stdout
+
+
+def test_incremental_false_and_older_checkpoints_write_everything(trained):
+    """A base without fingerprints (incremental=False, or written before them) is never linked from."""
+    model, opt, run = trained
+    with CheckpointManager(run, keep_last_n=None, verbose=False, incremental=False) as mgr:
+        mgr.save_checkpoint({"model": model}, step=1)
+        mgr.save_checkpoint({"model": model}, step=2)
+    assert "fingerprints" not in json.loads((run / "step_1" / "metadata.json").read_text())
+    with CheckpointManager(run, keep_last_n=None, verbose=False) as mgr:
+        mgr.save_checkpoint({"model": model}, step=3)
+        mgr.save_checkpoint({"model": model}, step=4)
+    assert [n for n in state_files(run / "step_2") if n.startswith("ref.")] == []
+    assert [n for n in state_files(run / "step_3") if n.startswith("ref.")] == []
+    assert "ref.step_3.__0_0.distcp" in state_files(run / "step_4")
+
+
+def test_async_saves_stage_only_what_changed(trained):
+    model, opt, run = trained
+    with CheckpointManager(run, keep_last_n=None, verbose=False, async_save=True) as mgr:
+        mgr.save_checkpoint({"model": model, "optimizer": opt}, step=1)
+        mgr.wait()
+        first = mgr._staging.nbytes()
+        train(model, opt)
+        mgr.save_checkpoint({"model": model, "optimizer": opt}, step=2)
+        mgr.wait()
+        second = mgr._staging.nbytes()
+    assert first > FROZEN_BYTES and second < FROZEN_BYTES / 4  # the frozen weight's buffer is freed
+    assert state_files(run / "step_2")["__0_0.distcp"][0] < FROZEN_BYTES / 4
+    back = Frozen()
+    CheckpointManager(run).load_checkpoint(state={"model": back})
+    assert torch.equal(back.head.weight, model.head.weight) and torch.equal(back.lm.weight, model.lm.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool, torch.int8, torch.float64])
+def test_fingerprints_see_one_flipped_bit_and_name_dtype_and_shape(dtype):
+    t = (torch.arange(1000) % 7).to(dtype)
+    edited = t.clone()
+    edited.view(torch.uint8)[123] ^= 1
+    assert fingerprint(t) == fingerprint(t.clone()) != fingerprint(edited)
+    assert fingerprint(t) != fingerprint(t.reshape(10, 100))  # same bytes, another shape
+    assert fingerprint(t[::2]) == fingerprint(t[::2].contiguous())  # a strided view: its values' bytes
+
+
+def test_the_device_fingerprint_is_exact_integer_arithmetic():
+    """What non-CPU tensors use, run here on CPU: the same bytes give the same digest, whatever the chunking,
+    and one flipped bit (anywhere, including the padded tail) changes it."""
+    data = torch.randint(0, 256, (10_003,), dtype=torch.uint8)
+    digest = _device_digest(data)
+    assert len(digest) == 32 and digest == _device_digest(data.clone())
+    for where in (0, 5_000, 10_002):
+        flipped = data.clone()
+        flipped[where] ^= 0x40
+        assert _device_digest(flipped) != digest
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
+def test_cuda_tensors_are_fingerprinted_on_the_device_and_reused():
+    t = torch.randn(1024, device="cuda")
+    assert fingerprint(t).startswith("wsum128:") and fingerprint(t) == fingerprint(t.clone())
+    assert _device_digest(t.view(torch.uint8)) == _device_digest(t.cpu().view(torch.uint8))
