@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from dcp_resume.storage import open_storage, options_from_json
 
@@ -26,13 +27,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=2)
     g.add_argument("--batch_size", type=int, default=8, help="per rank")
     g.add_argument("--samples", type=int, default=None, help="use the first N examples")
-    g.add_argument("--dataset", default="synthetic", help="'synthetic' or a SQuAD-v1 .json/.jsonl PATH")
+    g.add_argument("--dataset", default="synthetic",
+                   help="'synthetic', 'squad' (SQuAD v1.1 through Hugging Face datasets, cached or reachable) or a "
+                        "SQuAD-v1 .json/.jsonl PATH")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--warmup_steps", type=int, default=5)
     g.add_argument("--grad_clip", type=float, default=1.0)
     g.add_argument("--compression", choices=COMPRESSIONS, default="telepathy")
     g.add_argument("--tiny", action="store_true", help="a much smaller model, for tests and smoke runs")
+    for lm, family in (("llama", "Llama"), ("qwen", "Qwen2")):
+        g.add_argument(f"--{lm}_model", metavar="DIR", default=None,
+                       help=f"a local Hugging Face {family} model directory (weights and tokenizer, loaded with "
+                            f"from_pretrained, never downloaded) for the frozen {lm} LM; default: a small "
+                            f"{family} randomly initialised from a fixed seed")
     g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP")
     g.add_argument("--max_steps", type=int, default=None,
                    help="stop (without a final checkpoint) after this global step; for experiments")
@@ -84,6 +92,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--auto_resume and --resume_from both given; pick one")
     if args.storage_options is not None and not open_storage(args.save_dir).remote:
         parser.error(f"--storage_options apply to a URL --save_dir (s3://...), not the local path {args.save_dir}")
+    for lm in ("llama", "qwen"):
+        where = getattr(args, f"{lm}_model")
+        if where is not None and not os.path.isfile(os.path.join(where, "config.json")):
+            parser.error(f"--{lm}_model {where}: no config.json there; pass a local Hugging Face model directory "
+                         "(one save_pretrained() wrote, or a downloaded snapshot)")
     if args.reset_epoch and not (args.auto_resume or args.resume_from):
         parser.error("--reset_epoch only makes sense with --resume_from PATH (or --auto_resume)")
     return args

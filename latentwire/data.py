@@ -8,11 +8,17 @@ from __future__ import annotations
 import json
 import os
 import random
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-DATASET_CHOICES = ("synthetic", "PATH to a SQuAD-v1 .json or .jsonl file")
-_CHOICES_TEXT = "choices: synthetic, or a PATH to a SQuAD-v1 .json/.jsonl file"
+DATASET_CHOICES = ("synthetic", "squad", "PATH to a SQuAD-v1 .json or .jsonl file")
+_CHOICES_TEXT = "choices: synthetic, squad, or a PATH to a SQuAD-v1 .json/.jsonl file"
+SQUAD_HUB = "rajpurkar/squad"  # SQuAD v1.1 on the Hugging Face hub
+SQUAD_HOW = (f"to use it, `pip install datasets` and run once where the hub is reachable ({SQUAD_HUB} is then "
+             "cached under HF_HOME, and HF_DATASETS_OFFLINE=1 reads the cache without a network), or download "
+             "SQuAD's train-v1.1.json and pass --dataset PATH/train-v1.1.json")
 SYNTHETIC_DEFAULT_SIZE = 1000
 
 # Token ids shared by both stand-in vocabularies.
@@ -138,6 +144,24 @@ def _load_file(path: str) -> list[dict]:
                          f"{_CHOICES_TEXT}") from e
 
 
+def _squad_from_hub(samples: int | None) -> list[dict]:
+    """SQuAD v1.1's train split through Hugging Face `datasets` (its cache, or the hub), in its own order."""
+    try:
+        import datasets  # optional: only --dataset squad needs it
+    except ImportError:
+        raise ValueError(f"--dataset squad: Hugging Face `datasets` is not installed; {SQUAD_HOW}") from None
+    split = "train" if samples is None else f"train[:{samples}]"
+    try:
+        rows = datasets.load_dataset(SQUAD_HUB, split=split)
+    except Exception as e:  # offline without a cache, hub errors: datasets raises many kinds
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--dataset squad: SQuAD is neither in the local cache nor reachable ({detail}); "
+                         f"{SQUAD_HOW}") from None
+    return [{"context": r["context"], "question": r["question"], "answer": _first_answer(r["answers"]["text"],
+                                                                                          "squad")}
+            for r in rows if r["answers"]["text"]]
+
+
 def load_examples(dataset: str, samples: int | None, seed: int = 0) -> list[dict]:
     """Examples as dicts with `id` (0..N-1, in order), `context`, `question`, `answer`.
 
@@ -148,6 +172,8 @@ def load_examples(dataset: str, samples: int | None, seed: int = 0) -> list[dict
     if dataset == "synthetic":
         n = SYNTHETIC_DEFAULT_SIZE if samples is None else samples
         return [synthetic_example(i, seed) for i in range(n)]
+    if dataset == "squad":
+        return [{"id": i, **r} for i, r in enumerate(_squad_from_hub(samples))]
     if not isinstance(dataset, str) or not os.path.isfile(dataset):
         raise ValueError(f"--dataset {dataset!r}: not 'synthetic' and no such file; {_CHOICES_TEXT}")
     records = _load_file(dataset)[:samples]
@@ -166,6 +192,25 @@ def tokenize_llama(text: str) -> list[int]:
     return [N_SPECIAL + b for b in text.encode("utf-8")]
 
 
+@dataclass(frozen=True)
+class Vocab:
+    """How one LM's answers become token ids: its tokenizer and its special ids."""
+
+    encode: Callable[[str], list[int]]
+    bos: int = BOS_ID
+    eos: int = EOS_ID
+    pad: int = PAD_ID
+
+
+def hf_vocab(tokenizer) -> Vocab:
+    """A Hugging Face tokenizer's Vocab. Without a BOS token (Qwen2) the answer starts after EOS; without a
+    pad token, EOS pads (targets at padded positions are ignored either way)."""
+    eos = tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return Vocab(lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos, eos, pad)
+
+
 def tokenize_qwen(text: str) -> list[int]:
     """Non-overlapping byte pairs hashed (Knuth multiplicative, fixed) into the non-special ids.
 
@@ -181,6 +226,9 @@ def tokenize_qwen(text: str) -> list[int]:
     return out
 
 
+STAND_INS = {"llama": Vocab(tokenize_llama), "qwen": Vocab(tokenize_qwen)}  # for randomly initialised LMs
+
+
 # ---------------------------------------------------------------------------------------------
 # Collation
 # ---------------------------------------------------------------------------------------------
@@ -192,16 +240,17 @@ def context_bytes(example: dict, max_bytes: int) -> bytes:
     return context + question
 
 
-def _teacher_forcing(tokens: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
+def _teacher_forcing(tokens: list[int], max_tokens: int, vocab: Vocab) -> tuple[list[int], list[int]]:
     """input = BOS + answer, target = answer + EOS (same length), answer cut to max_tokens."""
     tokens = tokens[:max_tokens]
-    return [BOS_ID] + tokens, tokens + [EOS_ID]
+    return [vocab.bos] + tokens, tokens + [vocab.eos]
 
 
-def collate(examples: list[dict], max_context_bytes: int = 192,
-            max_answer_tokens: int = 16) -> dict[str, torch.Tensor]:
+def collate(examples: list[dict], max_context_bytes: int = 192, max_answer_tokens: int = 16,
+            vocabs: dict[str, Vocab] | None = None) -> dict[str, torch.Tensor]:
     """Batch tensors. Answer tensors always have T = max_answer_tokens + 1 columns (fixed shapes);
-    inputs are padded with PAD_ID, targets with -100."""
+    inputs are padded with each LM's pad id, targets with -100. `vocabs`: per LM (default: STAND_INS)."""
+    vocabs = STAND_INS if vocabs is None else vocabs
     b, t = len(examples), max_answer_tokens + 1
     out = {
         "ids": torch.tensor([int(e["id"]) for e in examples], dtype=torch.long),
@@ -209,15 +258,14 @@ def collate(examples: list[dict], max_context_bytes: int = 192,
         "context_mask": torch.zeros((b, max_context_bytes), dtype=torch.bool),
     }
     for name in ("llama", "qwen"):
-        out[f"{name}_input"] = torch.full((b, t), PAD_ID, dtype=torch.long)
+        out[f"{name}_input"] = torch.full((b, t), vocabs[name].pad, dtype=torch.long)
         out[f"{name}_target"] = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
-    tokenizers = {"llama": tokenize_llama, "qwen": tokenize_qwen}
     for i, ex in enumerate(examples):
         raw = context_bytes(ex, max_context_bytes)
         out["context_bytes"][i, : len(raw)] = torch.tensor(list(raw), dtype=torch.long)
         out["context_mask"][i, : len(raw)] = True
-        for name, tok in tokenizers.items():
-            inp, tgt = _teacher_forcing(tok(ex["answer"]), max_answer_tokens)
+        for name, vocab in vocabs.items():
+            inp, tgt = _teacher_forcing(vocab.encode(ex["answer"]), max_answer_tokens, vocab)
             out[f"{name}_input"][i, : len(inp)] = torch.tensor(inp, dtype=torch.long)
             out[f"{name}_target"][i, : len(tgt)] = torch.tensor(tgt, dtype=torch.long)
     return out

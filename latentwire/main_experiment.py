@@ -115,7 +115,7 @@ class Experiment:
             self.sampler.set_epoch(epoch)
             for indices in self.sampler:
                 out = self.model(collate([self.train_set[i] for i in indices], self.cfg.max_context_bytes,
-                                         self.cfg.max_answer_tokens))
+                                         self.cfg.max_answer_tokens, self.model.vocabs))
                 out["loss"].backward()
                 torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
                 self.opt.step()
@@ -150,7 +150,7 @@ class Experiment:
         sums = {lm: {"loss_sum": 0.0, "correct": 0, "tokens": 0} for lm in ("llama", "qwen")}
         for i in range(0, len(self.eval_set), 16):
             r = self.model.evaluate(collate(self.eval_set[i:i + 16], self.cfg.max_context_bytes,
-                                            self.cfg.max_answer_tokens))
+                                            self.cfg.max_answer_tokens, self.model.vocabs))
             for lm, s in sums.items():
                 s["loss_sum"] += r[f"{lm}_loss_sum"]
                 s["correct"] += r[f"{lm}_correct"]

@@ -1,8 +1,9 @@
 """LatentWire: byte encoder -> M latent soft tokens -> one adapter per target LM -> two frozen LMs.
 
-The two "LMs" are tiny randomly initialised causal transformers standing in for Llama and Qwen.
-They are built from a fixed seed (`lm_seed`) in a forked RNG, so they are the same in every run
-whatever the training seed, and frozen: only the encoder, pooler and adapters train.
+The two LMs are the real architectures, transformers' LlamaForCausalLM and Qwen2ForCausalLM, built from small
+configs and randomly initialised from a fixed seed (`lm_seed`) in a forked RNG, so they are the same in every
+run whatever the training seed; or, with `LMConfig.pretrained` (train.py --llama_model/--qwen_model DIR),
+loaded from local Hugging Face weights. They are frozen: only the encoder, pooler and adapters train.
 """
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.configuration_llama import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaForCausalLM
+from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
+from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 
-from .data import BYTE_PAD, BYTE_VOCAB, IGNORE_INDEX, LLAMA_VOCAB, PAD_ID, QWEN_VOCAB
+from .data import (BOS_ID, BYTE_PAD, BYTE_VOCAB, EOS_ID, IGNORE_INDEX, LLAMA_VOCAB, PAD_ID, QWEN_VOCAB, STAND_INS,
+                   Vocab, hf_vocab)
 
 COMPRESSIONS = ("telepathy", "linear", "meanpool")
 LM_NAMES = ("llama", "qwen")
@@ -20,11 +26,17 @@ LM_NAMES = ("llama", "qwen")
 
 @dataclass
 class LMConfig:
+    """One frozen LM: the size of a randomly initialised one, or `pretrained`, a local Hugging Face model
+    directory (its own config then decides the size)."""
+
     hidden: int
     n_layers: int
     vocab: int
     n_heads: int = 4
+    n_kv_heads: int = 2  # grouped-query attention, as both real families use
+    intermediate: int = 0  # MLP width; 0: 8/3 x hidden, rounded up to a multiple of 8 (Llama's ratio)
     max_positions: int = 64
+    pretrained: str | None = None
 
 
 @dataclass
@@ -121,40 +133,45 @@ class Adapter(nn.Module):
         return self.net(z)
 
 
-class TinyCausalLM(nn.Module):
-    """A decoder-only LM taking `inputs_embeds`, so soft tokens can be prepended."""
-
-    def __init__(self, cfg: LMConfig):
-        super().__init__()
-        self.tok = nn.Embedding(cfg.vocab, cfg.hidden, padding_idx=PAD_ID)
-        self.pos = nn.Parameter(torch.randn(cfg.max_positions, cfg.hidden) * 0.02)
-        self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(cfg.hidden, cfg.n_heads, 4 * cfg.hidden, dropout=0.0,
-                                       activation="gelu", batch_first=True, norm_first=True)
-            for _ in range(cfg.n_layers))
-        self.norm = nn.LayerNorm(cfg.hidden)
-        self.head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.tok(tokens)
-
-    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        t = inputs_embeds.shape[1]
-        x = inputs_embeds + self.pos[:t]
-        causal = nn.Transformer.generate_square_subsequent_mask(t, device=x.device, dtype=x.dtype)
-        for layer in self.layers:
-            x = layer(x, src_mask=causal, is_causal=True)
-        return self.head(self.norm(x))
+ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen": (Qwen2Config, Qwen2ForCausalLM)}
 
 
-def _build_lms(cfg: ModelConfig) -> tuple[TinyCausalLM, TinyCausalLM]:
+def build_lm(name: str, cfg: LMConfig) -> nn.Module:
+    """`name`'s frozen LM: from `cfg.pretrained` (local files only, never downloaded), else a fresh one of
+    cfg's size initialised from the current RNG."""
+    config_cls, model_cls = ARCHITECTURES[name]
+    if cfg.pretrained:
+        lm = model_cls.from_pretrained(cfg.pretrained, local_files_only=True, torch_dtype=torch.float32)
+    else:
+        config = config_cls(
+            vocab_size=cfg.vocab, hidden_size=cfg.hidden, num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+            intermediate_size=cfg.intermediate or -(-8 * cfg.hidden // 3 // 8) * 8,
+            max_position_embeddings=cfg.max_positions, tie_word_embeddings=False,
+            pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+        lm = model_cls(config)
+    lm.requires_grad_(False)
+    return lm
+
+
+def _build_lms(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
     """Both frozen LMs from `lm_seed`, without touching (or depending on) the global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.lm_seed)
-        llama, qwen = TinyCausalLM(cfg.llama), TinyCausalLM(cfg.qwen)
-    for lm in (llama, qwen):
-        lm.requires_grad_(False)
-    return llama, qwen
+        return build_lm("llama", cfg.llama), build_lm("qwen", cfg.qwen)
+
+
+def lm_hidden(lm: nn.Module) -> int:
+    return lm.config.hidden_size
+
+
+def vocab_of(name: str, cfg: LMConfig) -> Vocab:
+    """The tokenizer an LM reads answers with: its own for a pretrained one, else the stand-in."""
+    if not cfg.pretrained:
+        return STAND_INS[name]
+    from transformers import AutoTokenizer  # only for local pretrained models
+
+    return hf_vocab(AutoTokenizer.from_pretrained(cfg.pretrained, local_files_only=True))
 
 
 class LatentWire(nn.Module):
@@ -163,9 +180,11 @@ class LatentWire(nn.Module):
         self.cfg = cfg = cfg or ModelConfig()
         self.encoder = ByteEncoder(cfg)
         self.pooler = LatentPooler(cfg)
-        self.adapter_llama = Adapter(cfg.d_z, cfg.llama.hidden)
-        self.adapter_qwen = Adapter(cfg.d_z, cfg.qwen.hidden)
-        self.lm_llama, self.lm_qwen = _build_lms(cfg)
+        lm_llama, lm_qwen = _build_lms(cfg)
+        self.adapter_llama = Adapter(cfg.d_z, lm_hidden(lm_llama))
+        self.adapter_qwen = Adapter(cfg.d_z, lm_hidden(lm_qwen))
+        self.lm_llama, self.lm_qwen = lm_llama, lm_qwen
+        self.vocabs = {name: vocab_of(name, getattr(cfg, name)) for name in LM_NAMES}  # for collate()
 
     def latents(self, batch: dict) -> torch.Tensor:
         mask = batch["context_mask"]
@@ -174,8 +193,8 @@ class LatentWire(nn.Module):
     def _logits(self, name: str, z: torch.Tensor, batch: dict) -> torch.Tensor:
         """Logits over the answer positions only: LM input = [adapter(z); embed(answer input)]."""
         adapter, lm = getattr(self, f"adapter_{name}"), getattr(self, f"lm_{name}")
-        x = torch.cat([adapter(z), lm.embed(batch[f"{name}_input"])], dim=1)
-        return lm(x)[:, z.shape[1]:]
+        x = torch.cat([adapter(z), lm.get_input_embeddings()(batch[f"{name}_input"])], dim=1)
+        return lm(inputs_embeds=x, use_cache=False).logits[:, z.shape[1]:]
 
     def _to_device(self, batch: dict) -> dict:
         device = self.encoder.pos.device

@@ -7,8 +7,15 @@ import random
 import numpy as np
 import torch
 
+from .data import LLAMA_VOCAB, QWEN_VOCAB
+from .model import LMConfig
+
 # --tiny: a model that trains in seconds on CPU (the tests' and the demo's size)
 TINY = dict(d_model=32, n_layers=1, num_latents=4, d_z=32, max_context_bytes=96, max_answer_tokens=8)
+# benchmarks/incremental_save.py: frozen LMs ~28x the trainable parameters, as in the real system (two 7-8B
+# LMs around ~0.1-0.3B of encoder and adapters)
+BENCHMARK_LMS = dict(llama=LMConfig(hidden=256, n_layers=6, vocab=LLAMA_VOCAB),
+                     qwen=LMConfig(hidden=256, n_layers=6, vocab=QWEN_VOCAB))
 
 
 def warmup_cosine(warmup: int, total: int):

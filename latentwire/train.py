@@ -72,8 +72,11 @@ class Trainer:
         self.log = setup_logging(args.log_dir or local_logs, self.rt)
         self.examples = load_examples(args.dataset, args.samples, seed=args.seed)
         self.cfg = ModelConfig(compression=args.compression, **(TINY if args.tiny else {}))
+        self.cfg.llama.pretrained, self.cfg.qwen.pretrained = args.llama_model, args.qwen_model
         torch.manual_seed(args.seed)  # identical initial weights on every rank
-        self.model = wrap(LatentWire(self.cfg), self.rt, args.fsdp)
+        model = LatentWire(self.cfg)
+        self.vocabs = model.vocabs
+        self.model = wrap(model, self.rt, args.fsdp)
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                      lr=args.lr, weight_decay=0.01)
         self.sampler = ResumableSampler(len(self.examples), args.batch_size, self.rt.rank, self.rt.world_size,
@@ -150,7 +153,7 @@ class Trainer:
                        disable=not self.rt.is_main, file=sys.stderr, mininterval=1.0)
             for indices in self.sampler:
                 batch = collate([self.examples[i] for i in indices], self.cfg.max_context_bytes,
-                                self.cfg.max_answer_tokens)
+                                self.cfg.max_answer_tokens, self.vocabs)
                 with rank_failures_named(f"step {prog.global_step + 1}", a.collective_timeout_s):
                     with autocast:
                         out = self.model(batch)
@@ -200,7 +203,7 @@ class Trainer:
         ev = self.examples[:EVAL_SAMPLES]
         total = tokens = 0.0
         for i in range(0, len(ev), 16):
-            batch = collate(ev[i:i + 16], self.cfg.max_context_bytes, self.cfg.max_answer_tokens)
+            batch = collate(ev[i:i + 16], self.cfg.max_context_bytes, self.cfg.max_answer_tokens, self.vocabs)
             r = (unwrap(self.model) if not self.args.fsdp else self.model).evaluate(batch)
             total += r["llama_loss_sum"] + r["qwen_loss_sum"]
             tokens += r["llama_tokens"] + r["qwen_tokens"]

@@ -1,6 +1,7 @@
 """dcp-resume: look at, check, export and prune the checkpoints of a save_dir without starting training.
 
-Works in a plain shell: no torch.distributed, no GPU, nothing written except by `export --out` and `prune`.
+Works in a plain shell: no torch.distributed, no GPU, nothing written except by `export --out`, `copy` and
+`prune`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 
 from .. import errors
 from ..export import ExportError
-from . import export, inspect, ls, prune, verify
+from . import copy, export, inspect, ls, prune, verify
 from ..storage import open_storage
 from .common import EXIT_FAILED, EXIT_USAGE, Parser, UsageError
 
@@ -22,6 +23,7 @@ EPILOG = """examples:
   dcp-resume verify runs/exp1              sizes, content hashes and DCP shard coverage of every checkpoint
   dcp-resume inspect runs/exp1/step_500    metadata, config highlights, state keys with shape/dtype/bytes
   dcp-resume export runs/exp1/step_500 --out model.safetensors --dtype bf16
+  dcp-resume copy runs/exp1/step_500 /archive/step_500   a verified copy that depends on nothing else
   dcp-resume prune runs/exp1 --keep 3 --dry-run
 
 exit codes:
@@ -35,7 +37,7 @@ def build_parser() -> Parser:
     parser = Parser(prog="dcp-resume", description=__doc__, epilog=EPILOG,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (ls, verify, inspect, export, prune):
+    for command in (ls, verify, inspect, export, copy, prune):
         command.register(sub)
     return parser
 
@@ -57,8 +59,8 @@ def _engine_warnings_to_stderr():
         logger.setLevel(saved[2])
 
 
-FAILURES = (errors.CheckpointNotFoundError, errors.IncompleteCheckpointError, errors.CorruptCheckpointError,
-            errors.UnsafeCheckpointError, errors.SaveDirLockedError, ExportError, OSError)
+FAILURES = (errors.CheckpointNotFoundError, errors.CheckpointExistsError, errors.IncompleteCheckpointError,
+            errors.CorruptCheckpointError, errors.UnsafeCheckpointError, errors.SaveDirLockedError, ExportError, OSError)
 
 
 def _open_storage(args) -> None:
@@ -68,9 +70,11 @@ def _open_storage(args) -> None:
     try:
         args.store = open_storage(target)
         if args.storage_options is not None:
-            if not args.store.remote:
+            others = [p for p in [getattr(args, "dest", None)] if p is not None and open_storage(p).remote]
+            if not args.store.remote and not others:
                 raise UsageError(f"--storage-options apply to a URL (s3://...), not the local path {target}")
-            args.store = open_storage(target, args.storage_options)
+            if args.store.remote:
+                args.store = open_storage(target, args.storage_options)
         args.store.check_reachable(target)
     except errors.StorageError as e:
         raise UsageError(str(e).replace("save_dir ", "", 1)) from None

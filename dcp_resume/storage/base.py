@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterable
 
 JSON_LIMIT = 64 << 20  # metadata.json, config.json, training_stats.json: small files; a bigger one is damage
 
@@ -29,6 +29,7 @@ class Storage:
     def open_read(self, path: str) -> BinaryIO: raise NotImplementedError
     def read_bytes(self, path: str, limit: int | None = None) -> bytes: raise NotImplementedError
     def write_durably(self, path: str, data: bytes) -> None: raise NotImplementedError
+    def write_stream(self, path: str, chunks: Iterable[bytes]) -> None: raise NotImplementedError
     def commit_atomically(self, path: str, data: bytes) -> None: raise NotImplementedError
     def create_exclusive(self, path: str, data: bytes) -> bool: raise NotImplementedError
     def sync_dir(self, path: str) -> None: raise NotImplementedError

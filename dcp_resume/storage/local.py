@@ -5,7 +5,7 @@ import errno
 import os
 import shutil
 import stat
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterable
 
 import torch.distributed.checkpoint as dcp
 
@@ -99,6 +99,14 @@ class LocalStorage(Storage):
         """Write a file and fsync it; the caller fsyncs the directory once all files are in (sync_dir)."""
         with open(path, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_stream(self, path: str, chunks: Iterable[bytes]) -> None:
+        """write_durably for data that arrives in pieces (a large file, never all in memory)."""
+        with open(path, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
 

@@ -12,7 +12,7 @@ options.
 from __future__ import annotations
 
 import posixpath
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterable
 
 from fsspec.core import url_to_fs
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
@@ -93,6 +93,11 @@ class FsspecStorage(Storage):
 
     def write_durably(self, path: str, data: bytes) -> None:
         self.fs.pipe_file(path, data)  # one PUT: durable when it returns
+
+    def write_stream(self, path: str, chunks: Iterable[bytes]) -> None:
+        with self.fs.open(path, "wb") as f:  # a multipart upload: the object appears when it is closed
+            for chunk in chunks:
+                f.write(chunk)
 
     def commit_atomically(self, path: str, data: bytes) -> None:
         self.fs.pipe_file(path, data)  # an object PUT is atomic: readers see the whole object or none

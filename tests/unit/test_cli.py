@@ -17,7 +17,7 @@ from test_safety import Payload, with_hostile_metadata
 from dcp_resume import CheckpointManager
 from dcp_resume.cli import main
 
-SUBCOMMANDS = ("ls", "latest", "verify", "inspect", "export", "prune")
+SUBCOMMANDS = ("ls", "latest", "verify", "inspect", "export", "copy", "prune")
 
 
 def test_installed_console_script_help():

@@ -7,7 +7,11 @@ import re
 import pytest
 from cli_helpers import SHARD, cli_many, copy_run, damage, run_main, trained_runs
 
+from latentwire.model import LatentWire, ModelConfig
+from latentwire.recipe import TINY
+
 HEX = "[0-9a-f]{16}"
+MODEL_KEYS = len(LatentWire(ModelConfig(**TINY)).state_dict())  # the trainer's --tiny model
 SUBPROCESS = {  # name -> argv, with {d} the damaged save_dir and {m} the mangled one: the real script
     "ls": ["ls", "{d}"],
     "latest": ["latest", "{d}"],
@@ -172,7 +176,7 @@ def test_inspect(out, damaged):
                     rf"files        {_counts(os.path.join(damaged, 'epoch1'))[0]} listed in metadata.json",
                     r"config.json  compression=telepathy dataset=synthetic samples=48 epochs=2 .*fsdp=True",
                     r"state: \d+ keys, [\d.]+ MB \(from state/.metadata; nothing loaded\)",
-                    r"\n  model/ +95 keys +[\d.]+ MB\n", r"\n    encoder/ +16 keys",
+                    rf"\n  model/ +{MODEL_KEYS} keys +[\d.]+ MB\n", r"\n    encoder/ +16 keys",
                     r"\n      pos +\[96, 32\] +float32 +12\.3 kB\n",  # full shape, though FSDP2 sharded it
                     r"\n  optimizer/ +\d+ keys", r"\n  __per_rank__/ +18 keys", r"\n    rank1.rng/",
                     r"\n  sampler/ +4 keys", r"\n    consumed +- +value ", r"\n  scheduler/",

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from cli_helpers import run_main
 from conftest import ROOT
 from helpers import flip_byte
 from torch import nn
@@ -42,18 +43,17 @@ def state_files(ckpt) -> dict[str, tuple[int, int]]:
     return {n: (os.path.getsize(os.path.join(d, n)), os.stat(os.path.join(d, n)).st_ino) for n in os.listdir(d)}
 
 
-def plain_dcp_model(ckpt, out) -> dict:
-    """The checkpoint's model as plain DCP reads it, in a process that cannot import dcp_resume."""
+def plain_dcp_models(ckpts, out_dir) -> list[dict]:
+    """Each checkpoint's model as plain DCP reads it, in one process that cannot import dcp_resume."""
+    outs = [os.path.join(out_dir, f"plain{i}.pt") for i in range(len(ckpts))]
     code = ("import sys; sys.modules['dcp_resume'] = None\n"
             "from torch.distributed.checkpoint.format_utils import dcp_to_torch_save\n"
-            f"dcp_to_torch_save({os.path.join(ckpt, 'state')!r}, {str(out)!r})")
+            + "".join(f"dcp_to_torch_save({os.path.join(c, 'state')!r}, {o!r})\n" for c, o in zip(ckpts, outs)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, timeout=120)
-    return torch.load(out, weights_only=False)["model"]
+    return [torch.load(o, weights_only=False)["model"] for o in outs]
 
 
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dcp_resume.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+cli = run_main  # `dcp-resume ...` in this process (the console script itself: tests/unit/test_cli.py)
 
 
 @pytest.fixture
@@ -79,10 +79,9 @@ def test_frozen_tensors_are_written_once_and_every_checkpoint_reads_alone(traine
     assert meta["files"]["state/ref.step_1.__0_0.distcp"] == \
         json.loads((run / "step_1" / "metadata.json").read_text())["files"]["state/__0_0.distcp"]
     assert meta["fingerprints"]["model.lm.weight@0,0"].startswith("xxh3_64:")
-    for step in (1, 2, 3):  # plain DCP, no project code, reads every checkpoint in full
-        plain = plain_dcp_model(run / f"step_{step}", tmp_path / f"plain{step}.pt")
-        assert torch.equal(plain["lm.weight"], model.lm.weight)
-    assert torch.equal(plain["head.weight"], model.head.weight)
+    plain = plain_dcp_models([run / f"step_{s}" for s in (1, 2, 3)], tmp_path)  # no project code
+    assert all(torch.equal(p["lm.weight"], model.lm.weight) for p in plain)
+    assert torch.equal(plain[-1]["head.weight"], model.head.weight)
     verify = cli("verify", run)
     assert verify.returncode == 0 and "3 checkpoint directories: 3 OK" in verify.stdout, verify.stdout
     copy = tmp_path / "elsewhere" / "step_3"  # one checkpoint copied on its own (cp -r) is complete
@@ -211,3 +210,27 @@ def test_cuda_tensors_are_fingerprinted_on_the_device_and_reused():
     t = torch.randn(1024, device="cuda")
     assert fingerprint(t).startswith("wsum128:") and fingerprint(t) == fingerprint(t.clone())
     assert _device_digest(t.view(torch.uint8)) == _device_digest(t.cpu().view(torch.uint8))
+
+
+def test_dcp_resume_copy_makes_a_verified_self_contained_copy(trained, tmp_path):
+    model, opt, run = trained
+    with CheckpointManager(run, keep_last_n=None, verbose=False) as mgr:
+        for step in (1, 2):
+            train(model, opt)
+            mgr.save_checkpoint({"model": model, "optimizer": opt}, step=step)
+    dest = tmp_path / "archive" / "step_2"
+    r = cli("copy", run / "step_2", dest)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"Copied {run / 'step_2'} to {dest} (")
+    linked = state_files(run / "step_2")["ref.step_1.__0_0.distcp"]
+    assert state_files(dest)["ref.step_1.__0_0.distcp"][0] == linked[0]
+    assert state_files(dest)["ref.step_1.__0_0.distcp"][1] != linked[1]  # its own file, no longer a link
+    assert (dest / "metadata.json").read_bytes() == (run / "step_2" / "metadata.json").read_bytes()
+    assert cli("verify", dest).returncode == 0
+    again = cli("copy", run / "step_2", dest)
+    assert again.returncode == 1 and again.stderr.strip() == (
+        f"dcp-resume: error: {dest} already exists; copy to a new directory")
+    flip_byte(run / "step_1" / "state" / "__0_0.distcp")  # the bytes step_2 links: the source is damaged now
+    bad = cli("copy", run / "step_2", tmp_path / "second")
+    assert bad.returncode == 1 and "state/ref.step_1.__0_0.distcp content hash mismatch" in bad.stderr
+    assert not (tmp_path / "second").exists()  # nothing written

@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch
 from latentwire.data import (BOS_ID, BYTE_PAD, DATASET_CHOICES, EOS_ID, LLAMA_VOCAB, PAD_ID,
                              QWEN_VOCAB, collate, load_examples, tokenize_llama, tokenize_qwen)
 
-CHOICES = "choices: synthetic, or a PATH to a SQuAD-v1 .json/.jsonl file"
+CHOICES = "choices: synthetic, squad, or a PATH to a SQuAD-v1 .json/.jsonl file"
 
 
 def test_synthetic_is_deterministic_and_independent_of_global_rng():
@@ -64,6 +65,17 @@ def test_jsonl_with_every_answer_form(tmp_path):
     ex = load_examples(str(path), None)
     assert [(e["id"], e["context"], e["question"], e["answer"]) for e in ex] == [
         (0, "c0", "q0", "a0"), (1, "c1", "q1", "a1"), (2, "c2", "q2", "a2")]
+
+
+def test_squad_without_datasets_or_a_cache_says_how_to_get_it(monkeypatch, tmp_path):
+    """`--dataset squad` (the guide's command) with `datasets` missing (as in CI, which has no hub either): one
+    sentence says how to get SQuAD."""
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed, even where it is
+    with pytest.raises(ValueError) as e:
+        load_examples("squad", 10)
+    assert str(e.value).startswith("--dataset squad: Hugging Face `datasets` is not installed; to use it, "
+                                   "`pip install datasets` and run once where the hub is reachable")
+    assert "--dataset PATH/train-v1.1.json" in str(e.value) and "HF_DATASETS_OFFLINE=1" in str(e.value)
 
 
 def test_unknown_dataset_names_the_value_and_choices():
