@@ -8,8 +8,8 @@ in the staging buffers (async).
 
 Each round runs the four modes (incremental on/off x sync/async) in an order that rotates with the round, each
 into a fresh save_dir, one training step between saves. The first save of a save_dir writes everything in
-every mode; the figures are the medians over the later saves. Prints a markdown table (rank 0) and writes
---out (JSON).
+every mode; the figures are the medians over the later saves. Prints a markdown table (rank 0); --out FILE
+also writes the figures as JSON.
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def main() -> int:
     p.add_argument("--saves", type=int, default=4, help="saves per save_dir (the first writes everything)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dir", help="where the save_dirs go (default: a temporary directory)")
-    p.add_argument("--out", default="benchmarks/incremental_save.json")
+    p.add_argument("--out", help="also write the figures here, as JSON")
     a = p.parse_args()
     if "RANK" in os.environ:
         dist.init_process_group("gloo")
@@ -122,8 +122,9 @@ def main() -> int:
                    "world_size": dist.get_world_size() if dist.is_initialized() else 1}
         report = {"machine": machine, "model_bytes": model_bytes, "trainable_state_bytes": trainable_bytes,
                   "saves": a.saves, "rounds": a.rounds, "summary": summary, "results": results}
-        with open(a.out, "w") as f:
-            json.dump(report, f, indent=2)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(report, f, indent=2)
         print(table(report))
         if a.dir is None:
             shutil.rmtree(root, ignore_errors=True)

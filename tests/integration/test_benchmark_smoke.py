@@ -1,5 +1,5 @@
-"""benchmarks/save_latency.py runs end to end at a tiny size and writes a complete report (no timing
-is asserted: speed is reported by the benchmark, not tested)."""
+"""benchmarks/save_latency.py and incremental_save.py run end to end at a tiny size and write complete reports
+(no timing is asserted: speed is reported by the benchmark, not tested)."""
 import json
 import os
 import sys
@@ -11,6 +11,7 @@ from conftest import ROOT, run
 pytestmark = pytest.mark.slow  # integration: the benchmark scripts, run for real
 
 SAVE_LATENCY = os.path.join(ROOT, "benchmarks", "save_latency.py")
+INCREMENTAL = os.path.join(ROOT, "benchmarks", "incremental_save.py")
 METHODS = ["torch_save_rank0", "dcp_sync", "dcp_async_thread", "engine_sync", "engine_async"]
 ALL_METHODS = METHODS[:3] + ["dcp_async_cached"] + METHODS[3:]
 KEYS = {"method", "world_size", "state_bytes", "size_mb", "blocking_s", "total_s", "load_s", "step_slowdown",
@@ -21,6 +22,22 @@ TARGETS = {"engine_async.blocking_s / memcpy floor time for its state",
            "state bytes x ranks / engine_sync.total_s, of write_gbps",
            "state bytes x ranks / engine_sync.load_s, of read_gbps (page cache)",
            "engine_async.step_slowdown", "dcp_async_thread.step_slowdown"}
+
+
+def test_incremental_save_reports_every_mode_and_writes_only_what_changed(tmp_path):
+    """Bytes are counted, not timed: with incremental saves a checkpoint after the first writes about the
+    trainable state (parameters and AdamW moments, plus counters), without them the whole model too."""
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", INCREMENTAL, "--saves", "2",
+         "--rounds", "1", "--dir", str(tmp_path / "runs"), "--out", str(tmp_path / "inc.json")], timeout=400)
+    report = json.load(open(tmp_path / "inc.json"))
+    modes = {(s["incremental"], s["async"]): s for s in report["summary"]}
+    assert set(modes) == {(True, False), (True, True), (False, False), (False, True)}
+    for asynchronous in (False, True):
+        on, off = modes[(True, asynchronous)], modes[(False, asynchronous)]
+        assert 1.0 <= on["written_over_trainable"] < 1.5 < 5 < off["written_over_trainable"]
+    assert modes[(True, True)]["peak_staging_bytes"] < modes[(False, True)]["peak_staging_bytes"] / 5
+    trainable_params = report["trainable_state_bytes"] / 3
+    assert report["model_bytes"] - trainable_params >= 20 * trainable_params  # the frozen LMs: >= 20x
 
 
 def test_save_latency_smoke_writes_complete_json_and_table(tmp_path):
