@@ -11,7 +11,18 @@ from typing import Any
 
 from . import accelerate_loaders
 from . import artifacts as artifacts_mod
-from . import commit, dcp_io, incremental, integrity, layout, live_state, per_rank, run_start, savedir_lock
+from . import (
+    commit,
+    dcp_io,
+    incremental,
+    integrity,
+    layout,
+    live_state,
+    per_rank,
+    run_start,
+    savedir_lock,
+    verification,
+)
 from .distributed import CommitGroup, rank, world_size
 from .errors import (
     CheckpointNotFoundError,
@@ -59,7 +70,7 @@ class CheckpointManager:
                  options: CheckpointOptions | None = None, **keywords: Any):
         """The established keywords (and every other field of CheckpointOptions: config, keep_best,
         collective_timeout_s, preemption_signals, async_save, on_commit, low_disk_policy, storage_options,
-        lock_wait_s), or `options` made elsewhere."""
+        lock_wait_s, incremental), or `options` made elsewhere."""
         if save_dir is None or str(save_dir) == "":
             raise ValueError("save_dir is empty; pass the directory that holds (or will hold) checkpoints")
         if options is None:
@@ -296,6 +307,11 @@ class CheckpointManager:
         if rank() == 0:
             done = [i for i in layout.list_checkpoints(self.storage, self.save_dir) if i.complete and i.path != path]
             base = max(done, key=lambda i: i.order, default=None)
+            problem = None if base is None else verification.dcp_problem(self.storage, base)
+            if problem is not None:  # its DCP index does not match its files: link nothing from it
+                logger.warning("Writing every tensor of %s: the previous checkpoint %s fails a check (%s)", path,
+                               base.path, problem)
+                base = None
         return incremental.plan(incremental.reusable(payload), base, self._group)
 
     def _failures_named(self, what: str):

@@ -180,7 +180,7 @@ def test_unknown_dataset_exits_2_with_one_line_listing_the_choices(runs):
     proc = runs["unknown"]
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["error: --dataset 'foo': not 'synthetic' and no such file; choices: "
-                                        "synthetic, or a PATH to a SQuAD-v1 .json/.jsonl file"]
+                                        "synthetic, squad, or a PATH to a SQuAD-v1 .json/.jsonl file"]
     assert not [n for n in (os.listdir(runs.dir("unknown")) if runs.dir("unknown").exists() else []) if n != "logs"]
 
 

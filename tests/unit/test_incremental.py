@@ -234,3 +234,33 @@ def test_dcp_resume_copy_makes_a_verified_self_contained_copy(trained, tmp_path)
     bad = cli("copy", run / "step_2", tmp_path / "second")
     assert bad.returncode == 1 and "state/ref.step_1.__0_0.distcp content hash mismatch" in bad.stderr
     assert not (tmp_path / "second").exists()  # nothing written
+
+
+def test_a_previous_checkpoint_whose_index_is_wrong_is_not_linked_from(trained, caplog):
+    """A crafted base (its DCP index, re-hashed into metadata.json, names a shard that is not there) passes
+    the size checks; the next save writes everything rather than link from it, and says so."""
+    import dataclasses
+    import pickle
+
+    from dcp_resume import dcp_io, hashing
+    from dcp_resume.storage import open_storage
+
+    model, opt, run = trained
+    with CheckpointManager(run, keep_last_n=None, verbose=False) as mgr:
+        mgr.save_checkpoint({"model": model}, step=1)
+        state = run / "step_1" / "state"
+        index = dcp_io.read_metadata(open_storage(state), str(state))
+        index.storage_data = {k: dataclasses.replace(v, relative_path="__9_0.distcp")
+                              for k, v in index.storage_data.items()}
+        (state / ".metadata").write_bytes(pickle.dumps(index))
+        meta = json.loads((run / "step_1" / "metadata.json").read_text())
+        meta["files"]["state/.metadata"] = hashing.file_info(open_storage(state), str(state / ".metadata"))
+        (run / "step_1" / "metadata.json").write_text(json.dumps(meta))
+        caplog.set_level("WARNING", logger="dcp_resume")
+        mgr.save_checkpoint({"model": model}, step=2)
+    assert (f"Writing every tensor of {run / 'step_2'}: the previous checkpoint {run / 'step_1'} fails a check "
+            "(state/__0_0.distcp: a shard that state/.metadata does not reference") in caplog.text
+    assert [n for n in state_files(run / "step_2") if n.startswith("ref.")] == []
+    back = Frozen()
+    CheckpointManager(run).load_checkpoint(state={"model": back})
+    assert torch.equal(back.lm.weight, model.lm.weight)
