@@ -78,21 +78,16 @@ def _device_digest(flat: torch.Tensor) -> str:
     return "".join(f"{int(s) & (2**64 - 1):016x}" for s in sums)
 
 
-def local_fingerprints(flat: dict[str, Any]) -> dict[str, str]:
-    """Chunk key -> fingerprint of every tensor leaf this rank holds."""
-    return {chunk_key(fqn, v): fingerprint(v) for fqn, v in flat.items() if isinstance(v, torch.Tensor)}
-
-
-def plan(flat: dict[str, Any], base: layout.CheckpointInfo | None, group: CommitGroup) -> Reuse:
-    """Collective: which keys of this save's flattened state are unchanged since `base` (rank 0's choice;
-    None: write everything) on every rank that holds them."""
-    mine = local_fingerprints(flat)
+def plan(flat: dict[str, torch.Tensor], base: layout.CheckpointInfo | None, group: CommitGroup) -> Reuse:
+    """Collective: which keys of `flat` (reusable(): this save's tensor leaves) are unchanged since `base`
+    (rank 0's choice; None: write everything) on every rank that holds them."""
+    keys = {fqn: chunk_key(fqn, t) for fqn, t in flat.items()}
+    mine = {keys[fqn]: fingerprint(t) for fqn, t in flat.items()}
     shared = group.broadcast(None if base is None else (base.path, base.meta.get(FINGERPRINTS)))
     base_path, recorded = shared if shared is not None else (None, None)
     recorded = recorded if isinstance(recorded, dict) else {}
-    matched = {key for key, fp in mine.items() if recorded.get(key) == fp}
-    unchanged = {fqn for fqn, v in flat.items() if isinstance(v, torch.Tensor) and chunk_key(fqn, v) in matched}
-    changed = {fqn for fqn, v in flat.items() if isinstance(v, torch.Tensor)} - unchanged
+    unchanged = {fqn for fqn, key in keys.items() if recorded.get(key) == mine[key]}
+    changed = keys.keys() - unchanged
     everyone = group.all_gather((mine, unchanged, changed))
     fingerprints: dict[str, str] = {}
     reused: set[str] = set()

@@ -70,8 +70,8 @@ def _open_storage(args) -> None:
     try:
         args.store = open_storage(target)
         if args.storage_options is not None:
-            others = [p for p in [getattr(args, "dest", None)] if p is not None and open_storage(p).remote]
-            if not args.store.remote and not others:
+            dest = getattr(args, "dest", None)  # `copy` has a second path, which may be the URL
+            if not args.store.remote and not (dest is not None and open_storage(dest).remote):
                 raise UsageError(f"--storage-options apply to a URL (s3://...), not the local path {target}")
             if args.store.remote:
                 args.store = open_storage(target, args.storage_options)
