@@ -15,7 +15,10 @@ reported unavailable, with DCP's error, where it cannot run), engine_sync and en
 (dcp_resume.CheckpointManager). Every method's
 state is built first; then each round saves with every method once, in an order that changes every round
 (so drift of a shared disk's write-back state hits all methods alike, and no method always follows the same
-one). Round 0 is the cold save, reported apart; the --repeats warm rounds give median and spread of
+one). Before every save, outside the timings, one element of every tensor of the state changes (as after a
+training step): else the engine's incremental saves (on by default) would find the state unchanged since its
+previous checkpoint and link every tensor instead of writing it. Round 0 is the cold save, reported apart; the
+--repeats warm rounds give median and spread of
 blocking_s (what the caller waits), total_s (until committed and durable) and load_s (timed right after
 each warm save), plus peak RSS growth and step_slowdown (training-like steps while a background save runs,
 relative to steps without one). Engine methods also get hash_s: hashing that rank's checkpoint files with
@@ -69,6 +72,17 @@ def build_state(mb: int, device: str):
     model(torch.randn(2, width, device=device)).sum().backward()
     opt.step()  # creates both Adam moments
     return model, opt
+
+
+def touch(model, opt) -> None:
+    """Change one element of every tensor of the state in place, as a training step would: nothing is left
+    byte-identical to the previous save, so the engine's incremental saves write everything, as DCP does."""
+    tensors = [*model.parameters(), *(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))]
+    with torch.no_grad():
+        for t in tensors:
+            t.view(-1)[:1].add_(1)
+    if any(t.is_cuda for t in tensors):
+        torch.cuda.synchronize()
 
 
 def state_bytes(model, opt) -> int:
@@ -318,6 +332,7 @@ def measure_size(mb: int, methods: list[str], repeats: int, run_dir: str, device
         for m in names:
             b = benches[m]
             path = os.path.join(b["root"], f"step_{i + 1}")
+            touch(b["model"], b["opt"])
             with PeakRSS() as rss:
                 run = save_once(m, b["model"], b["opt"], path, b["mgr"], x)
                 if i > 0 and m.startswith("engine"):
@@ -382,10 +397,10 @@ def main(argv=None) -> int:
         p.error("--repeats must be at least 1")
     methods = [m for m in METHODS if m in a.methods]
     unavailable = {}
+    if a.device == "cuda":  # before the process group: NCCL binds each rank to its device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if a.device == "cuda" else "gloo")
-    if a.device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     os.makedirs(a.out, exist_ok=True)
     run_dir, cleanup = prepare_save_dir(a.save_dir, a.out, options)
     store = open_storage(run_dir)
@@ -417,7 +432,8 @@ def main(argv=None) -> int:
         if rank() == 0:
             result = {"machine": machine, "run": {"save_dir": os.path.dirname(run_dir), "sizes": a.sizes,
                                                   "storage": store.protocol if remote else "local",
-                                                  "repeats": a.repeats, "rounds": schedule},
+                                                  "repeats": a.repeats, "rounds": schedule,
+                                                  "state_changes_between_saves": True},
                       "floors": fl, "floor_trials": trials, "results": results, "unavailable": unavailable,
                       "targets": compute_targets(results, fl, remote)}
             report(result, a.out, METHODS)

@@ -80,11 +80,12 @@ def write_and_commit(store: Storage, payload: dict, extras: dict, path: str, com
     state_dir = os.path.join(path, layout.STATE_DIR)
     try:
         with failures_named(f"save of step {step} to {path}", store, save_dir, group.timeout_s):
-            dcp_io.save(store, payload, state_dir, group.group)
+            written = dcp_io.save(store, payload, state_dir, group.group)
             linked = {}
             if reuse is not None and reuse.base is not None:
                 linked = group.run_on_rank0(lambda: incremental.merge_index(store, state_dir, reuse))
-            mine = {f"{layout.STATE_DIR}/{n}": hashing.file_info(store, os.path.join(state_dir, n))
+            mine = {f"{layout.STATE_DIR}/{n}": hashing.file_info(store, os.path.join(state_dir, n),
+                                                                 written.get(n, ()))  # + each item's hash
                     for n in dcp_io.shard_files_of_rank(store, state_dir, rank())}
             if rank() == 0:
                 mine.update(linked)

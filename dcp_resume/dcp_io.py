@@ -29,10 +29,11 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from . import metadata_check
+from . import hashing, metadata_check
 from .distributed import is_distributed
 from .errors import CorruptCheckpointError, UnsafeCheckpointError
 from .storage import Storage
+from .verified_read import Expected, VerifiedRead
 
 DCP_METADATA = ".metadata"
 SHARD_SUFFIX = ".distcp"
@@ -50,15 +51,41 @@ def _quiet_single_process():
         yield
 
 
-def save(store: Storage, state_dict: dict[str, Any], state_dir: str, group) -> None:
+def save(store: Storage, state_dict: dict[str, Any], state_dir: str, group) -> dict[str, list[tuple[int, int]]]:
+    """DCP's save; returns this rank's items as file name -> [(offset, length)], for their hashes."""
+    writer = store.dcp_writer(state_dir)
+    written = _record_items(writer)
     with _quiet_single_process():
-        dcp.save(state_dict, storage_writer=store.dcp_writer(state_dir), process_group=group,
-                 no_dist=not is_distributed())
+        dcp.save(state_dict, storage_writer=writer, process_group=group, no_dist=not is_distributed())
+    return written
 
 
-def load(store: Storage, template: dict[str, Any], state_dir: str, group) -> None:
-    """Fills template in place (tensors copied into, other values replaced)."""
-    reader = safe_reader(store, state_dir)
+def _record_items(writer) -> dict[str, list[tuple[int, int]]]:
+    """Where each item the writer writes lands (DCP's own WriteResults), filled as its writes finish."""
+    written: dict[str, list[tuple[int, int]]] = {}
+    write_data = writer.write_data
+
+    def recording(plan, planner):
+        future = write_data(plan, planner)
+
+        def record(done) -> None:
+            try:
+                results = done.value()
+            except Exception:  # the write failed: DCP raises it; nothing to record
+                return
+            for result in results:
+                where = result.storage_data
+                written.setdefault(where.relative_path, []).append((where.offset, where.length))
+        future.add_done_callback(record)
+        return future
+    writer.write_data = recording
+    return written
+
+
+def load(store: Storage, template: dict[str, Any], state_dir: str, group, expected: Expected | None = None) -> None:
+    """Fills template in place (tensors copied into, other values replaced). With `expected`, every byte read is
+    checked against metadata.json's hashes before it is used (verified_read.py)."""
+    reader = safe_reader(store, state_dir, expected)
     try:
         with _quiet_single_process():
             dcp.load(template, storage_reader=reader, planner=SafeLoadPlanner(reader),
@@ -70,8 +97,8 @@ def load(store: Storage, template: dict[str, Any], state_dir: str, group) -> Non
         raise
 
 
-def read_metadata(store: Storage, state_dir: str) -> Metadata:
-    return safe_reader(store, state_dir).read_metadata()
+def read_metadata(store: Storage, state_dir: str, expected: Expected | None = None) -> Metadata:
+    return safe_reader(store, state_dir, expected).read_metadata()
 
 
 # -- loading without running code from the checkpoint ----------------------------------------------
@@ -137,6 +164,13 @@ class _SafeMetadata:
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
         data = self.store.read_bytes(str(path), limit=METADATA_LIMIT)  # a regular file, bounded, never a FIFO
+        expected = getattr(self, "expected", None)
+        if expected is not None and expected.metadata is not None:
+            algorithm, want = expected.metadata
+            expected.count(len(data))
+            if (got := hashing.digest(data, algorithm)) != want:
+                raise CorruptCheckpointError(f"{path} content hash mismatch ({algorithm} of the file is {got}, "
+                                             f"metadata.json records {want}); resume from another checkpoint")
         try:
             metadata = _MetadataUnpickler(io.BytesIO(data), str(path), len(data)).load()
         except (UnsafeCheckpointError, CorruptCheckpointError):
@@ -159,12 +193,13 @@ class _SafeMetadata:
 _SAFE_READERS: dict[type, type] = {}
 
 
-def safe_reader(store: Storage, state_dir: str):
-    """The store's DCP reader for state_dir, with _SafeMetadata's read_metadata."""
+def safe_reader(store: Storage, state_dir: str, expected: Expected | None = None):
+    """The store's DCP reader for state_dir, with _SafeMetadata's read_metadata and, given `expected`,
+    VerifiedRead's checked reads."""
     base, kwargs = store.dcp_reader_class()
-    cls = _SAFE_READERS.setdefault(base, type(f"Safe{base.__name__}", (_SafeMetadata, base), {}))
+    cls = _SAFE_READERS.setdefault(base, type(f"Safe{base.__name__}", (_SafeMetadata, VerifiedRead, base), {}))
     reader = cls(state_dir, **kwargs)
-    reader.store = store
+    reader.store, reader.expected = store, expected
     return reader
 
 

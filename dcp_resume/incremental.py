@@ -66,7 +66,7 @@ def _device_digest(flat: torch.Tensor) -> str:
     """Two sums of the bytes as int64 words, each word times a position-dependent odd weight, wrapping mod
     2**64: computed where the tensor lives, exact and order-independent on any device (integer sums)."""
     pad = (-flat.numel()) % 8
-    if pad:
+    if pad or flat.storage_offset() % 8:  # view(int64) needs whole, aligned words: a fresh copy has them
         flat = torch.cat([flat, flat.new_zeros(pad)])
     words = flat.view(torch.int64)
     sums = [torch.zeros((), dtype=torch.int64, device=flat.device) for _ in range(2)]

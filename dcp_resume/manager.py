@@ -19,6 +19,7 @@ from . import (
     layout,
     live_state,
     per_rank,
+    resume_check,
     run_start,
     savedir_lock,
     verification,
@@ -27,12 +28,13 @@ from .distributed import CommitGroup, rank, world_size
 from .errors import (
     CheckpointNotFoundError,
     CheckpointSaveError,
-    IncompleteCheckpointError,
+    CorruptCheckpointError,
 )
 from .logs import configure as configure_logging
 from .logs import logger
 from .options import CheckpointOptions, as_dict
 from .preemption import PreemptionHandler, agree
+from .resume_check import LoadStats
 from .retention import plan_removals
 from .staging import StagingBuffers
 from .storage import Storage, open_storage
@@ -89,6 +91,9 @@ class CheckpointManager:
         self.lock_wait_s = o.lock_wait_s
         self.history: list[dict[str, Any]] = []  # training_stats.json when the caller passes none
         self.loaded_metadata: dict[str, Any] | None = None
+        self.loaded_path: str | None = None  # the checkpoint the last load_checkpoint loaded
+        self.load_stats: LoadStats | None = None  # where the last load_checkpoint's time went, on this rank
+        self._discovered: tuple[str, str] | None = None  # (path, its save_dir) find_latest_checkpoint returned
         self.loaded_training_stats: Any = None  # training_stats.json of the loaded checkpoint (None: unreadable)
         self.last_blocking_s: float | None = None  # how long the last save_checkpoint call blocked
         self._group = CommitGroup(o.collective_timeout_s)
@@ -143,13 +148,17 @@ class CheckpointManager:
             self._preemption.install()
 
     def find_latest_checkpoint(self, checkpoint_dir: str | os.PathLike | None = None) -> str | None:
-        """Path of the complete checkpoint with the highest step (ties: newest timestamp) whose files all
-        match their content hashes, or None. Damaged newer ones are skipped with a warning naming the file."""
+        """Path of the complete checkpoint with the highest step (ties: newest timestamp) whose state/ matches
+        DCP's index, or None. Cheap on every rank: it reads metadata.json and DCP's index, not the shards.
+        Contents are verified as they load: load_checkpoint() of the path returned here falls back to the
+        previous checkpoint, with a warning naming the file, if the bytes do not match (`loaded_path` says
+        which one loaded). Damaged ones passed over get the same warning."""
         where = os.fspath(checkpoint_dir or self.save_dir)
         store = self.storage if where == self.save_dir else open_storage(where)
         if store is self.storage:
             self._check_reachable()
-        info = integrity.latest_verified(store, where)
+        info = integrity.latest_candidate(store, where)
+        self._discovered = (info.path, where) if info else None
         return info.path if info else None
 
     def save_checkpoint(self, state: dict[str, Any], step: int, epoch: int = 0, is_best: bool = False,
@@ -208,6 +217,12 @@ class CheckpointManager:
                         state: dict[str, Any] | None = None, *, per_rank_policy: str = "refuse") -> dict[str, Any]:
         """Load a checkpoint (default: the latest complete one in save_dir).
 
+        Every byte used is verified against metadata.json's hashes, the work spread over the ranks (each checks
+        what it reads, as it reads it). When the checkpoint was not named (or is the path find_latest_checkpoint
+        returned) and fails, every rank falls back to the previous one together, with a warning naming the
+        file; a named checkpoint that fails raises CorruptCheckpointError. `loaded_path` is the one loaded,
+        `load_stats` where the time went.
+
         With `state`, restores its live objects (models, optimizers, schedulers, anything with
         load_state_dict) in place and returns the loaded dict for the keys of `state`; state that differed
         per rank when saved comes back to the rank that saved it. Without `state`, returns everything the
@@ -222,27 +237,69 @@ class CheckpointManager:
         per_rank.validate_policy(per_rank_policy)
         self._set_logging()
         self.wait()
-        path = self._resolve(checkpoint_path)
-        store = self._store_of(path)
-        state_dir = os.path.join(path, layout.STATE_DIR)
-        meta = dcp_io.read_metadata(store, state_dir)
-        committed = store.read_json(os.path.join(path, layout.METADATA_FILE))  # _resolve checked it
-        if state is None:
-            loaded = dcp_io.template_from_metadata(meta, None, map_location)
-            dcp_io.load(store, loaded, state_dir, self._group.group)
-        else:
+        self.load_stats = stats = LoadStats()
+        t0 = time.perf_counter()
+        path = None if checkpoint_path is None else os.fspath(checkpoint_path)
+        where = self.save_dir if path is None else self._discovered[1] if self._is_discovered(path) else None
+        info = self._group.run_on_rank0(lambda: self._first_candidate(path, where))
+        stats.discovery_s = time.perf_counter() - t0
+        while True:
+            try:
+                loaded = self._load_verified(info, state, map_location, per_rank_policy, stats)
+                break
+            except CorruptCheckpointError as e:
+                integrity.remember(self._store_of(info.path), info, getattr(e, "detail", str(e)))
+                if where is None:  # an explicit path: no fallback
+                    raise
+                if rank() == 0:
+                    logger.warning("Skipping checkpoint %s: %s", info.path, getattr(e, "detail", e))
+                stats.skipped.append(info.path)
+                t1, below = time.perf_counter(), info.order
+                info = self._group.run_on_rank0(
+                    lambda: integrity.latest_candidate(self._store_of(where), where, below=below))
+                stats.discovery_s += time.perf_counter() - t1
+                if info is None:
+                    raise CheckpointNotFoundError(
+                        f"No checkpoint found to resume in {where}: every complete checkpoint fails verification "
+                        f"(the last: {e})") from None
+        stats.path, stats.checkpoint_bytes = info.path, layout.listed_bytes(info.meta.get("files"))
+        self.loaded_metadata = info.meta
+        self.loaded_path = info.path
+        self._restore_history(self._store_of(info.path), info.path)
+        logger.info("Loaded checkpoint: %s (step %s, epoch %s)", info.path,
+                    self.loaded_metadata.get("step"), self.loaded_metadata.get("epoch"))
+        return loaded
+
+    def _load_verified(self, info: layout.CheckpointInfo, state: dict[str, Any] | None, map_location: Any,
+                       per_rank_policy: str, stats: LoadStats) -> dict[str, Any]:
+        """Collective: verify and load one checkpoint (resume_check.py); CorruptCheckpointError on every rank
+        when any rank finds a byte that does not match."""
+        store = self._store_of(info.path)
+        state_dir = os.path.join(info.path, layout.STATE_DIR)
+        saved_world = info.meta.get("world_size")
+
+        def prepare(expected):
+            meta = dcp_io.read_metadata(store, state_dir, expected)
+            if state is None:
+                return dcp_io.template_from_metadata(meta, None, map_location), None, None
             live = live_state.split(state)
-            saved_world = committed.get("world_size")
             loaded, rank_plan = live_state.build_template(
                 live, meta, map_location, saved_world=saved_world if isinstance(saved_world, int) else -1,
                 rank=rank(), world=world_size(), per_rank_policy=per_rank_policy)
-            dcp_io.load(store, loaded, state_dir, self._group.group)
+            return loaded, live, rank_plan
+        expected, (loaded, live, rank_plan) = resume_check.agreed_problem(
+            store, info, self._group, rank(), world_size(), stats, prepare)
+        t0 = time.perf_counter()
+        try:
+            dcp_io.load(store, loaded, state_dir, self._group.group, expected)
+        except CorruptCheckpointError as e:  # a rank found an item that does not match: every rank is here
+            raise integrity.corrupt(info.path, "hash", getattr(e, "detail", str(e))) from None
+        finally:
+            stats.load_s += time.perf_counter() - t0
+            stats.hashed_bytes += expected.hashed_bytes
+        if live is not None:
             live_state.restore(live, loaded, rank_plan)
-            self._report_resharding(committed, rank_plan)
-        self.loaded_metadata = committed
-        self._restore_history(store, path)
-        logger.info("Loaded checkpoint: %s (step %s, epoch %s)", path,
-                    self.loaded_metadata.get("step"), self.loaded_metadata.get("epoch"))
+            self._report_resharding(info.meta, rank_plan)
         return loaded
 
     def wait(self) -> None:
@@ -365,40 +422,21 @@ class CheckpointManager:
             logger.info("Removing checkpoint %s (%s)", info.path, why)
             self.storage.remove_tree(info.path)
 
-    def _resolve(self, checkpoint_path) -> str:
-        """The checkpoint to load, chosen on rank 0 and shared, with the messages users know
-        (CheckpointNotFoundError, IncompleteCheckpointError)."""
-        if checkpoint_path is None:
-            found = self._group.broadcast(self.find_latest_checkpoint() if rank() == 0 else None)
-            if found is None:
+    def _is_discovered(self, path: str) -> bool:
+        return self._discovered is not None and path == self._discovered[0]
+
+    def _first_candidate(self, path: str | None, where: str | None) -> layout.CheckpointInfo:
+        """Rank 0: the checkpoint a load tries first, with the messages users know (CheckpointNotFoundError,
+        IncompleteCheckpointError): the newest candidate in save_dir, or `path` (contents not read yet)."""
+        if path is None:
+            self._check_reachable()
+            info = integrity.latest_candidate(self.storage, self.save_dir)
+            if info is None:
                 raise CheckpointNotFoundError(
                     f"No checkpoint found to resume in {self.save_dir}: looked for complete step_*/epoch* "
                     "directories (ones with a valid metadata.json)")
-            return found
-        path = os.fspath(checkpoint_path)
-        store = self._store_of(path)
-        if store.is_link(path):  # a path the user named (e.g. runs/latest -> step_900): follow it, once
-            path = os.path.realpath(path)
-        if store.isfile(path):
-            raise CheckpointNotFoundError(f"Checkpoint path is a file, not a checkpoint directory: {path}")
-        if not store.isdir(path):
-            raise CheckpointNotFoundError(f"Checkpoint path does not exist: {path}")
-        if not store.exists(os.path.join(path, layout.METADATA_FILE)) and layout.list_checkpoints(store, path):
-            raise CheckpointNotFoundError(
-                f"{path} is a save_dir, not a checkpoint; name one of its step_*/epoch* directories, or "
-                "resume from the latest with --auto_resume --save_dir " + path)
-        state_dir = os.path.join(path, layout.STATE_DIR)
-        if not store.listdir(state_dir):
-            raise CheckpointNotFoundError(
-                f"State file not found: {state_dir} is missing or empty; the save was interrupted or this "
-                "is not a dcp-resume checkpoint. List complete ones with `dcp-resume ls <save_dir>`")
-        info = layout.inspect_dir(store, path)
-        if not info.complete:
-            raise IncompleteCheckpointError(
-                f"{path} is not a complete checkpoint ({info.reason}); it was never committed or has lost "
-                "files. Resume from a complete one (`dcp-resume ls <save_dir>`)")
-        self._group.run_on_rank0(lambda: integrity.check(store, info))  # hashes; no fallback for an explicit path
-        return path
+            return info
+        return resume_check.named_checkpoint(self._store_of(path), path, check_index=where is None)
 
     def _warn_unresumable_loaders(self, state: dict[str, Any]) -> None:
         """Once per manager: an accelerate-prepared loader (in state, or being iterated) whose shuffle order

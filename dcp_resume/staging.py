@@ -17,22 +17,20 @@ from torch.distributed.tensor import DTensor
 class StagingBuffers:
     def __init__(self):
         self.buffers: dict[str, torch.Tensor] = {}  # flattened key -> host buffer (or DTensor over one)
-        self._stream = None
+        self._streams: dict[torch.device, Any] = {}  # a side stream per GPU the state lives on
 
     def stage(self, state: dict[str, Any]) -> dict[str, Any]:
         """A snapshot of `state`: tensors copied into the cached buffers, other values deep-copied.
         Returns once every copy has landed, so the caller may change `state` right away."""
         flat, mapping = flatten_state_dict(state)
         staged: dict[str, Any] = {}
-        used_cuda = False
         for key, value in flat.items():
             if isinstance(value, torch.Tensor):
                 staged[key] = self._copy(key, value)
-                used_cuda |= value.is_cuda
             else:
                 staged[key] = copy.deepcopy(value)
-        if used_cuda:
-            self._stream.synchronize()
+        for stream in self._streams.values():  # every GPU's copies, not only the first one's
+            stream.synchronize()
         for stale in self.buffers.keys() - flat.keys():  # keys gone from the state: free their memory
             del self.buffers[stale]
         return unflatten_state_dict(staged, mapping)
@@ -59,17 +57,20 @@ class StagingBuffers:
     def _copy_into(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         src = src.detach()
         if src.is_cuda:
-            if self._stream is None:
-                self._stream = torch.cuda.Stream(device=src.device)
-            self._stream.wait_stream(torch.cuda.current_stream(src.device))
-            with torch.cuda.stream(self._stream):
+            stream = self._streams.get(src.device)
+            if stream is None:
+                stream = self._streams[src.device] = torch.cuda.Stream(device=src.device)
+            stream.wait_stream(torch.cuda.current_stream(src.device))
+            with torch.cuda.stream(stream):
                 dst.copy_(src, non_blocking=True)
         else:
             dst.copy_(src)
 
 
 def _fits(buf: torch.Tensor, src: torch.Tensor) -> bool:
-    return buf.shape == src.shape and buf.dtype == src.dtype
+    """A buffer is reused for the same shape and dtype, pinned for a GPU tensor (a model moved to the GPU
+    after its first save gets pinned buffers, not slow synchronous copies into pageable ones)."""
+    return buf.shape == src.shape and buf.dtype == src.dtype and buf.is_pinned() == src.is_cuda
 
 
 def _alloc(like: torch.Tensor) -> torch.Tensor:

@@ -52,13 +52,20 @@ def verify_checkpoint(store: Storage, path: str, quick: bool = False) -> Report:
     if not info.complete and info.reason.startswith(layout.METADATA_FILE):  # its own damage (garbage step, ...)
         report.add(layout.METADATA_FILE, info.reason)
     report.files, report.bytes = len(files), layout.listed_bytes(files)
+    hashed = [] if quick else [rel for rel, entry in sorted(files.items()) if layout._safe_relpath(rel)
+                               and hashing.recorded(entry) is not None and present.get(rel) == entry.get("size")]
+
+    def digest_of(rel: str) -> tuple[int, str]:
+        return hashing.file_digest(store, os.path.join(path, rel), hashing.recorded(files[rel])[0])
+    digests = dict(zip(hashed, hashing.in_parallel(digest_of, hashed)))  # several files at once
     for rel, entry in sorted(files.items()):
-        _check_file(store, report, rel, entry if isinstance(entry, dict) else {}, present.get(rel), quick)
+        _check_file(report, rel, entry if isinstance(entry, dict) else {}, present.get(rel), quick, digests.get(rel))
     _check_dcp_coverage(store, report, set(files), present)
     return report
 
 
-def _check_file(store: Storage, report: Report, rel: str, entry: dict, size: int | None, quick: bool) -> None:
+def _check_file(report: Report, rel: str, entry: dict, size: int | None, quick: bool, digest) -> None:
+    """`digest`: (size, hex digest) of the file as read, or the OSError reading it raised."""
     if not layout._safe_relpath(rel):
         report.add(rel, "listed in metadata.json with a path outside the checkpoint")
         return
@@ -76,11 +83,10 @@ def _check_file(store: Storage, report: Report, rel: str, entry: dict, size: int
     if quick:
         return
     algorithm, want = found
-    try:
-        _, got = hashing.file_digest(store, os.path.join(report.path, rel), algorithm)
-    except OSError as e:
-        report.add(rel, f"unreadable ({e.strerror or e})")
+    if isinstance(digest, BaseException):
+        report.add(rel, f"unreadable ({getattr(digest, 'strerror', None) or digest})")
         return
+    _, got = digest
     if got != want:
         report.add(rel, f"content hash mismatch ({algorithm} of the file is {got}, metadata.json records {want})")
 

@@ -94,7 +94,7 @@ class Experiment:
             else:
                 epoch, step, _, _ = self.ckpt.resume_training(self.model, self.opt, self.sched, path,
                                                               extra_state=self._extra())
-                print(f"Resuming from checkpoint: {path} (step {step}, epoch {epoch})")
+                print(f"Resuming from checkpoint: {self.ckpt.manager.loaded_path} (step {step}, epoch {epoch})")
         if epoch < a.epochs:
             print("phase train")
             if self.train(epoch, step) == PREEMPTED_EXIT_CODE or (self.ckpt and self.ckpt.manager.preempted):

@@ -115,6 +115,7 @@ class Trainer:
             state.update(counters=None, sampler=self.sampler, rng=self.rng)  # counters=None: take the saved values
         # RNG streams are per rank: after a world-size change they have no owner and are reseeded below.
         loaded = self.manager.load_checkpoint(path, state=state, per_rank_policy="fresh")
+        path = self.manager.loaded_path  # a damaged --auto_resume choice falls back to the previous checkpoint
         if ("scheduler" in state) != ("optimizer" in state):  # one of the two is fresh
             align_lr_with_schedule(self.opt, self.sched)
         if a.reset_epoch:

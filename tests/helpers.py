@@ -44,10 +44,10 @@ def stat_snapshot(root: str) -> dict[str, tuple]:
     return out
 
 
-def flip_byte(path) -> None:
-    """Damage a file's content, keeping its size (only the content hash can tell)."""
+def flip_byte(path, at: int | None = None) -> None:
+    """Damage a file's content at byte `at` (default: its middle), keeping its size (only hashes can tell)."""
     with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
+        f.seek(os.path.getsize(path) // 2 if at is None else at)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x10]))

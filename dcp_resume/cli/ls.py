@@ -1,9 +1,10 @@
 """`ls SAVE_DIR` and `latest SAVE_DIR`: what is on disk, and which checkpoint --auto_resume loads.
 
-Both name the same checkpoint as latest: integrity.latest_verified, the engine's own choice on resume (the
-newest complete checkpoint whose files match their content hashes; damaged newer ones are passed over). That
-reads the newest checkpoint's files in full, and any damaged newer ones; `ls --quick` reads none and marks
-the newest complete one by sizes only.
+`ls` answers in seconds on a big save_dir: by default it checks what a resume checks before it reads a shard
+(sizes, DCP's index and its hash: integrity.latest_candidate), so 'latest' is the checkpoint --auto_resume
+tries first; shard contents are verified as a resume reads them. `ls --verify` and `latest` hash every file
+(integrity.latest_verified, threads) and pass over damaged ones; `ls --quick` reads sizes only. The footer
+says which checks ran.
 """
 from __future__ import annotations
 
@@ -16,15 +17,18 @@ from .common import EXIT_FAILED, EXIT_OK, engine_quiet, save_dir_arg, subparser
 from .table import human_bytes, render, utc_time
 
 LS_EPILOG = """examples:
-  dcp-resume ls runs/exp1            table of every checkpoint directory, complete or not
+  dcp-resume ls runs/exp1            table of every checkpoint directory, complete or not (no shard is read)
   dcp-resume ls runs/exp1 --json     the same with every field, for scripts
-  dcp-resume ls runs/exp1 --quick    no content hashes read: 'latest' is the newest complete one by sizes
+  dcp-resume ls runs/exp1 --verify   also hash every file: CORRUPT rows, and 'latest' is what a resume loads
+  dcp-resume ls runs/exp1 --quick    sizes only: 'latest' is the newest complete one by sizes
 
-STATUS: complete (metadata.json lists files that exist with their sizes), CORRUPT (complete by sizes, but a
-file's content hash does not match: resume skips it), INCOMPLETE (never committed or lost files). BEST marks
-the newest checkpoint saved with is_best, the one retention always keeps. '<- latest' marks what
---auto_resume and `dcp-resume latest` pick. Exit 1 when SAVE_DIR holds no checkpoint directory.
+STATUS: complete (metadata.json lists files that exist with their sizes), CORRUPT (complete by sizes, but DCP's
+index or, with --verify, a file's content hash does not match: resume skips it), INCOMPLETE (never committed
+or lost files). BEST marks the newest checkpoint saved with is_best, the one retention always keeps. '<- latest'
+marks what --auto_resume tries first (with --verify: what it loads, as `dcp-resume latest` says). Exit 1 when
+SAVE_DIR holds no checkpoint directory.
 """
+CHECKS = ("quick", "index", "verify")  # what ls reads: sizes; + DCP's index and its hash; + every file's hash
 LATEST_EPILOG = """examples:
   dcp-resume latest runs/exp1
   python latentwire/train.py --resume_from "$(dcp-resume latest runs/exp1)"
@@ -38,27 +42,35 @@ def register(sub) -> None:
     p = subparser(sub, "ls", "list the checkpoints in SAVE_DIR and which one --auto_resume loads", LS_EPILOG)
     p.add_argument("save_dir", metavar="SAVE_DIR")
     p.add_argument("--json", action="store_true", help="print every field as JSON")
-    p.add_argument("--quick", action="store_true", help="read no content hashes; mark the latest by sizes only")
-    p.set_defaults(run=run_ls)
+    checks = p.add_mutually_exclusive_group()
+    checks.add_argument("--verify", action="store_const", const="verify", dest="checks",
+                        help="hash every file of the checkpoints (reads them all); mark what a resume loads")
+    checks.add_argument("--quick", action="store_const", const="quick", dest="checks",
+                        help="read sizes only (not DCP's index); mark the latest by sizes")
+    p.set_defaults(run=run_ls, checks="index")
     p = subparser(sub, "latest", "print the checkpoint --auto_resume would load", LATEST_EPILOG)
     p.add_argument("save_dir", metavar="SAVE_DIR")
     p.set_defaults(run=run_latest)
 
 
-def listing(store: Storage, save_dir: str, quick: bool) -> dict:
+def listing(store: Storage, save_dir: str, checks: str) -> dict:
+    """`checks`: one of CHECKS."""
     infos = layout.by_position(layout.list_checkpoints(store, save_dir))
-    if quick:
-        latest = layout.latest_complete(store, save_dir, infos)
-    else:
-        with engine_quiet():
+    with engine_quiet():
+        if checks == "quick":
+            latest = layout.latest_complete(store, save_dir, infos)
+        elif checks == "index":
+            latest = integrity.latest_candidate(store, save_dir, infos)
+        else:
             latest = integrity.latest_verified(store, save_dir, infos)
     complete = [i for i in infos if i.complete]
     best = max((i for i in complete if i.meta.get("is_best")), key=lambda i: i.order, default=None)
     rows = []
     for info in infos:
         status, reason = ("complete", "") if info.complete else ("incomplete", info.reason)
-        if info.complete and not quick and (latest is None or info.order > latest.order):
-            problem = integrity.problem(store, info)  # passed over by latest_verified: its result is cached
+        if info.complete and checks != "quick" and (latest is None or info.order > latest.order):
+            # passed over by the choice of latest (its result is cached): why
+            problem = integrity.index_problem(store, info) if checks == "index" else integrity.problem(store, info)
             if problem is not None:
                 status, reason = "corrupt", problem
         m = info.meta
@@ -69,7 +81,7 @@ def listing(store: Storage, save_dir: str, quick: bool) -> dict:
                      "best": best is not None and info.path == best.path,
                      "latest": latest is not None and info.path == latest.path})
     return {"save_dir": save_dir, "checkpoints": rows, "latest": latest.path if latest else None,
-            "latest_verified": not quick, "total_bytes": sum(r["size_bytes"] for r in rows),
+            "checks": checks, "latest_verified": checks == "verify", "total_bytes": sum(r["size_bytes"] for r in rows),
             "free_bytes": store.free_bytes(save_dir)}
 
 
@@ -97,20 +109,24 @@ def _footer(found: dict) -> list[str]:
             f"{human_bytes(found['free_bytes'])} free on this filesystem")
     lines = [f"{len(rows)} checkpoint directories ({tally}), {human_bytes(found['total_bytes'])} in total; {free}"]
     latest = next((r["name"] for r in rows if r["latest"]), None)
+    checked = {"quick": "sizes only (--quick)",
+               "index": "sizes, DCP's index and its hash; no shard was read: a resume checks each byte it reads, "
+                        "`ls --verify` or `dcp-resume verify` hash them all",
+               "verify": "sizes, DCP's index and the content hash of every file (--verify)"}[found["checks"]]
     if latest is None:
-        lines.append("latest: none: no complete checkpoint" + ("" if found["latest_verified"] else " by sizes")
-                     + "; --auto_resume would start fresh")
-    elif found["latest_verified"]:
+        lines.append("latest: none: no complete checkpoint passes these checks; --auto_resume would start fresh")
+    elif found["checks"] == "verify":
         lines.append(f"latest: {latest}, what --auto_resume loads (the newest complete checkpoint whose content "
                      "hashes match)")
     else:
-        lines.append(f"latest: {latest} by sizes only (--quick); `dcp-resume latest` also checks content hashes")
+        lines.append(f"latest: {latest}, what --auto_resume tries first")
+    lines.append(f"checked: {checked}")
     return lines
 
 
 def run_ls(args) -> int:
     save_dir = save_dir_arg(args.store, args.save_dir)
-    found = listing(args.store, save_dir, args.quick)
+    found = listing(args.store, save_dir, args.checks)
     if args.json:
         print(json.dumps(found, indent=2))
     elif found["checkpoints"]:

@@ -165,3 +165,31 @@ def test_run_with_s3_emulator_gives_the_command_an_endpoint_and_a_bucket():
     proc = run([sys.executable, EMULATOR_WRAPPER, "--bucket", "wrapped", "--", sys.executable, "-c", code], check=False)
     assert proc.returncode == 3, proc.stderr  # the command's own status
     assert proc.stdout.startswith("http://127.0.0.1:") and "not AWS" in proc.stderr
+
+
+RESUME_TIME = os.path.join(ROOT, "benchmarks", "resume_time.py")
+RESUME_PHASES = {"startup", "build", "discovery_verification", "load", "first_step", "total"}
+
+
+def test_resume_time_smoke_reports_phases_bytes_and_ratios(tmp_path):
+    """One rank, one tiny size, cold cache, one launch per method: every phase, each rank's bytes, the ratios."""
+    run([sys.executable, RESUME_TIME, "--quick", "--ranks", "1", "--sizes", "2", "--cache", "cold",
+         "--code-note", "smoke", "--out", str(tmp_path)])
+    report = json.load(open(tmp_path / "resume_time.json"))
+    assert set(report) == {"machine", "run", "cells", "trials"} and report["run"]["code_note"] == "smoke"
+    assert [t["method"] for t in report["trials"]] == ["engine", "dcp_plain", "read_floor"]
+    assert all(t["resident_before"] is None or 0 <= t["resident_before"] <= 1 for t in report["trials"])
+    [cell] = report["cells"]
+    assert (cell["ranks"], cell["size_mb"], cell["cache"]) == (1, 2, "cold") and cell["ckpt_bytes"] > 0
+    s = cell["summary"]
+    assert all(s["engine"][k] > 0 for k in RESUME_PHASES), s["engine"]
+    assert all(s["dcp_plain"][k] > 0 for k in RESUME_PHASES - {"discovery_verification"})
+    assert s["read_floor"]["load"] > 0
+    for method in ("engine", "dcp_plain"):  # bytes read during the resume, per rank and as a share
+        [rank0] = s[method]["per_rank"]
+        assert rank0["rchar"] > 0 and rank0["rchar_fraction"] > 0.5 and rank0["read_bytes"] is not None
+    for key in ("ratio_engine_over_plain_load", "ratio_engine_over_plain_total", "ratio_engine_over_floor_load"):
+        assert isinstance(s[key], float) and s[key] > 0, key
+    table = (tmp_path / "resume_time.md").read_text()
+    assert "| ranks | params MB | ckpt MB | cache | engine total |" in table and "| 1 | 2 | " in table
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("resume_time_")]  # its save dir is removed

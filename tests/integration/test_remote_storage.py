@@ -109,13 +109,15 @@ def test_discovery_retention_and_a_corrupt_object(s3, caplog):
     data = bytearray(fs.cat_file(shard))
     data[len(data) // 2] ^= 0xFF
     fs.pipe_file(shard, bytes(data))
-    assert reader.find_latest_checkpoint() == f"{url}/step_2"
-    assert "step_3" in caplog.text and "state/__0_0.distcp content hash mismatch" in caplog.text
+    assert reader.find_latest_checkpoint() == f"{url}/step_3"  # cheap: the shard is first read by the load
     model = Tiny()
     reader.load_checkpoint(state={"model": model})
+    assert "step_3" in caplog.text and "state/__0_0.distcp content hash mismatch" in caplog.text
+    assert reader.loaded_path == f"{url}/step_2"
     assert_same(saved[2], dict(model.state_dict()))
+    named = CheckpointManager(url, verbose=False, enable_preemption_handling=False)
     with pytest.raises(CorruptCheckpointError, match="step_3 fails verification: state/__0_0.distcp"):
-        reader.load_checkpoint(f"{url}/step_3", state={"model": Tiny()})
+        named.load_checkpoint(f"{url}/step_3", state={"model": Tiny()})
 
     # The command line takes the same URL (endpoint here from --storage-options only).
     cli = [sys.executable, "-m", "dcp_resume.cli"]

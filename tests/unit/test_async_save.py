@@ -38,7 +38,7 @@ def test_at_most_one_save_in_flight(tmp_path, monkeypatch):
         if "step_1" in state_dir:
             started.set()
             assert release.wait(30)
-        real_save(store, payload, state_dir, group)
+        return real_save(store, payload, state_dir, group)
 
     monkeypatch.setattr(dcp_io, "save", slow_first)
     mgr = _manager(tmp_path)

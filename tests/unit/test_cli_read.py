@@ -7,6 +7,7 @@ import re
 import pytest
 from cli_helpers import SHARD, cli_many, copy_run, damage, run_main, trained_runs
 
+from dcp_resume import hashing
 from latentwire.model import LatentWire, ModelConfig
 from latentwire.recipe import TINY
 
@@ -19,7 +20,8 @@ SUBPROCESS = {  # name -> argv, with {d} the damaged save_dir and {m} the mangle
     "inspect": ["inspect", "{d}/epoch1", "--depth", "3"],
 }
 IN_PROCESS = {  # variants of the commands above, through main() in this process
-    "ls_json": ["ls", "{d}", "--json"],
+    "ls_verify": ["ls", "{d}", "--verify"],
+    "ls_json": ["ls", "{d}", "--json", "--verify"],
     "ls_quick": ["ls", "{d}", "--quick"],
     "verify_quick": ["verify", "{d}", "--quick"],
     "verify_one_ok": ["verify", "{d}/step_9"],
@@ -60,8 +62,8 @@ def out(damaged, mangled):
     return found
 
 
-def test_ls_table(out, damaged):
-    r = out["ls"]
+def test_ls_verify_table(out, damaged):
+    r = out["ls_verify"]
     assert r.returncode == 0, r.stderr
     rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:] if line and line.split()[0] in
             ("step_3", "epoch1", "step_9", "step_12", "step_15")}
@@ -77,7 +79,23 @@ def test_ls_table(out, damaged):
     assert re.search(r"5 checkpoint directories \(3 complete, 1 corrupt, 1 incomplete\), \d+\.\d MB in total; "
                      r"[\d.]+ [kMGT]?B free on this filesystem", r.stdout)
     assert "latest: step_9, what --auto_resume loads" in r.stdout
+    assert "checked: sizes, DCP's index and the content hash of every file (--verify)" in r.stdout
     assert r.stderr == ""  # the skipped checkpoint is in the table, not repeated as a warning
+
+
+def test_ls_reads_no_shard_by_default_and_says_so(out, damaged, monkeypatch):
+    r = out["ls"]  # the real script
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^step_12 .* complete  <- latest$", r.stdout, re.M)  # its flipped byte is in a shard
+    assert re.search(r"^step_9 .* complete$", r.stdout, re.M)
+    assert "latest: step_12, what --auto_resume tries first" in r.stdout
+    assert ("checked: sizes, DCP's index and its hash; no shard was read: a resume checks each byte it reads, "
+            "`ls --verify` or `dcp-resume verify` hash them all") in r.stdout
+    hashed = []  # a spy (the real function runs): which files ls reads in full
+    real = hashing.file_digests
+    monkeypatch.setattr(hashing, "file_digests", lambda store, p, *a: hashed.append(p) or real(store, p, *a))
+    assert run_main("ls", damaged).returncode == 0
+    assert hashed and all(p.endswith("/state/.metadata") for p in hashed), hashed
 
 
 def test_ls_json_has_every_field(out, damaged):
@@ -86,6 +104,7 @@ def test_ls_json_has_every_field(out, damaged):
     found = json.loads(r.stdout)
     rows = {c["name"]: c for c in found["checkpoints"]}
     assert found["latest"] == os.path.join(damaged, "step_9") and found["latest_verified"] is True
+    assert found["checks"] == "verify"
     assert found["total_bytes"] == sum(c["size_bytes"] for c in rows.values()) and found["free_bytes"] > 0
     on_disk = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.join(damaged, "epoch1"))
                   for f in fs)
@@ -103,7 +122,7 @@ def test_ls_quick_marks_latest_by_sizes(out):
     r = out["ls_quick"]
     assert r.returncode == 0
     assert re.search(r"step_12 .* complete  <- latest$", r.stdout, re.M)
-    assert "latest: step_12 by sizes only (--quick)" in r.stdout
+    assert "latest: step_12, what --auto_resume tries first" in r.stdout and "checked: sizes only (--quick)" in r.stdout
 
 
 def test_latest_skips_the_corrupt_one_with_a_warning(out, damaged):

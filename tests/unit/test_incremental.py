@@ -14,7 +14,8 @@ from conftest import ROOT
 from helpers import flip_byte
 from torch import nn
 
-from dcp_resume import CheckpointManager
+from dcp_resume import CheckpointManager, dcp_io
+from dcp_resume.storage import open_storage
 from dcp_resume.incremental import _device_digest, fingerprint
 
 FROZEN_BYTES = 256 * 256 * 4
@@ -141,10 +142,14 @@ def test_a_corrupt_shared_file_fails_every_checkpoint_sharing_it(trained, caplog
         train(model, opt)
         mgr.save_checkpoint({"model": model, "optimizer": opt}, step=3)
     assert state_files(run / "step_3")["ref.step_2.__0_0.distcp"] == state_files(run / "step_2")["__0_0.distcp"]
-    flip_byte(run / "step_2" / "state" / "__0_0.distcp")
+    index = dcp_io.read_metadata(open_storage(str(run)), str(run / "step_3" / "state"))
+    shared = next(w for w in index.storage_data.values() if w.relative_path == "ref.step_2.__0_0.distcp")
+    flip_byte(run / "step_2" / "state" / "__0_0.distcp", at=shared.offset + shared.length // 2)  # a byte both use
     caplog.set_level("WARNING", logger="dcp_resume")
-    assert CheckpointManager(run).find_latest_checkpoint() == str(run / "step_1")
+    mgr = CheckpointManager(run)
+    assert mgr.load_checkpoint(state={"model": Frozen()}) and mgr.loaded_path == str(run / "step_1")
     assert f"Skipping checkpoint {run / 'step_3'}: state/ref.step_2.__0_0.distcp content hash mismatch" in caplog.text
+    assert f"Skipping checkpoint {run / 'step_2'}: state/__0_0.distcp content hash mismatch" in caplog.text
     verify = cli("verify", run)
     assert verify.returncode == 1
     assert "BAD  step_2/state/__0_0.distcp: content hash mismatch" in verify.stdout
@@ -203,8 +208,11 @@ def test_the_device_fingerprint_is_exact_integer_arithmetic():
         flipped = data.clone()
         flipped[where] ^= 0x40
         assert _device_digest(flipped) != digest
+    view = torch.arange(1001, dtype=torch.float32)[1:].view(torch.uint8)  # 4000 bytes, 4 bytes into its storage
+    assert _device_digest(view) == _device_digest(view.clone())  # no whole int64 words in place: copied first
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
 def test_cuda_tensors_are_fingerprinted_on_the_device_and_reused():
     t = torch.randn(1024, device="cuda")

@@ -29,10 +29,10 @@ def run_dir(tmp_path):
     return d
 
 
+SHARD_FLIPPED = (rf"{SHARD} content hash mismatch in bytes \d+\.\.\d+ \(xxh3_64 of those bytes is {HEX}, "
+                 rf"metadata.json records {HEX}\)")
 DAMAGE = {  # how step_2 is damaged -> (what the warning says after "Skipping checkpoint <path>: ", error type)
-    "bit flip in a shard": (lambda c: flip_byte(c / SHARD),
-                            rf"{SHARD} content hash mismatch \(xxh3_64 of the file is {HEX}, metadata.json "
-                            rf"records {HEX}\)", CorruptCheckpointError),
+    "bit flip in a shard": (lambda c: flip_byte(c / SHARD), SHARD_FLIPPED, CorruptCheckpointError),
     "bit flip in DCP .metadata": (lambda c: flip_byte(c / "state/.metadata"),
                                   r"state/.metadata content hash mismatch \(xxh3_64 ", CorruptCheckpointError),
     "truncated shard": (lambda c: (c / SHARD).write_bytes((c / SHARD).read_bytes()[:-100]),
@@ -47,9 +47,15 @@ def test_every_file_records_its_size_and_xxh3_64(run_dir):
     ckpt = run_dir / "step_2"
     files = json.loads((ckpt / "metadata.json").read_text())["files"]
     assert set(files) == {"config.json", "training_stats.json", "state/.metadata", SHARD}
+    items = files[SHARD].pop("xxh3_64_items")  # a shard also records the hash of each DCP item's bytes
     for rel, info in files.items():
         data = (ckpt / rel).read_bytes()
         assert info == {"size": len(data), "xxh3_64": xxhash.xxh3_64(data).hexdigest()}, rel
+    data, ends = (ckpt / SHARD).read_bytes(), 0
+    for offset, length, digest in items:  # DCP's items, back to back
+        assert offset == ends and digest == xxhash.xxh3_64(data[offset:offset + length]).hexdigest()
+        ends = offset + length
+    assert ends == len(data)
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
@@ -60,33 +66,49 @@ def test_damage_is_detected_auto_resume_falls_back_explicit_errors(run_dir, dama
     caplog.set_level("WARNING", logger="dcp_resume")
     mgr = CheckpointManager(run_dir, verbose=False)
 
-    assert mgr.find_latest_checkpoint() == str(run_dir / "step_1")
-    assert re.search(rf"Skipping checkpoint {re.escape(str(bad))}: {reason}", caplog.text), caplog.text
+    found = mgr.find_latest_checkpoint()  # cheap: a shard's bytes are first read (and checked) by the load
+    assert found == str(run_dir / ("step_2" if damage == "bit flip in a shard" else "step_1"))
+    if found == str(run_dir / "step_1"):
+        assert re.search(rf"Skipping checkpoint {re.escape(str(bad))}: {reason}", caplog.text), caplog.text
     caplog.clear()
-    assert mgr.load_checkpoint()["tag"] == "step 1" and mgr.loaded_metadata["step"] == 1  # auto-resume
+    assert mgr.load_checkpoint(found)["tag"] == "step 1" and mgr.loaded_path == str(run_dir / "step_1")
+    if found == str(bad):  # found damaged as it loaded: every rank falls back, with the same warning
+        assert re.search(rf"Skipping checkpoint {re.escape(str(bad))}: {reason}", caplog.text), caplog.text
+    caplog.clear()
+    fresh = CheckpointManager(run_dir, verbose=False)
+    assert fresh.load_checkpoint()["tag"] == "step 1" and fresh.loaded_metadata["step"] == 1  # auto-resume
     assert re.search(rf"Skipping checkpoint {re.escape(str(bad))}: {reason}", caplog.text), caplog.text
 
     expected = (rf"^{re.escape(str(bad))} fails verification: {reason}" if error is CorruptCheckpointError
                 else rf"^{re.escape(str(bad))} is not a complete checkpoint \({reason}")
     with pytest.raises(error, match=expected):
-        mgr.load_checkpoint(str(bad))  # explicit: no fallback
+        CheckpointManager(run_dir, verbose=False).load_checkpoint(str(bad))  # named, not discovered: no fallback
     assert issubclass(error, ValueError)
 
 
-def test_verification_is_cached_until_a_file_changes(run_dir, monkeypatch):
-    # A spy (the real function runs; it is only counted): how often files are hashed cannot be seen otherwise.
-    hashed = []
-    real = hashing.file_digest
-    monkeypatch.setattr(hashing, "file_digest", lambda store, p, *a: hashed.append(p) or real(store, p, *a))
+def test_resume_reads_each_byte_once_and_checks_it(run_dir, monkeypatch):
+    """find_latest_checkpoint reads DCP's small index, not the shard; the load hashes each item as it reads it,
+    once, and nothing in a separate pass. A byte flipped after a good load is caught by the next one."""
+    # A spy (the real function runs; it is only counted): how often bytes are hashed cannot be seen otherwise.
+    whole, items = [], []
+    real_file, real_digest = hashing.file_digest, hashing.digest
+    monkeypatch.setattr(hashing, "file_digest", lambda store, p, *a: whole.append(p) or real_file(store, p, *a))
+    monkeypatch.setattr(hashing, "digest", lambda data, *a: items.append(len(data)) or real_digest(data, *a))
     mgr = CheckpointManager(run_dir, verbose=False)
     path = mgr.find_latest_checkpoint()
-    assert path == str(run_dir / "step_2") and len(hashed) == 4  # every file of step_2, once
+    assert path == str(run_dir / "step_2") and whole == [str(run_dir / "step_2" / "state/.metadata")]
+    whole.clear()
     mgr.load_checkpoint(path)
-    mgr.load_checkpoint()
-    assert len(hashed) == 4  # find_latest then load (explicit or auto): verified once
-    flip_byte(run_dir / "step_2" / SHARD)  # rewritten after the check: the cache does not hide it
-    with pytest.raises(CorruptCheckpointError, match=f"{SHARD} content hash mismatch"):
-        mgr.load_checkpoint(path)
+    listed = json.loads((run_dir / "step_2" / "metadata.json").read_text())["files"]
+    assert sorted(whole) == [str(run_dir / "step_2" / rel) for rel in ("config.json", "training_stats.json")]
+    shard_items = sum(1 for _ in listed[SHARD]["xxh3_64_items"])
+    assert sum(n == listed["state/.metadata"]["size"] for n in items) >= 1  # the index, as DCP reads it
+    assert len(items) - items.count(listed["state/.metadata"]["size"]) == shard_items  # each item once
+    assert mgr.load_stats.hashed_bytes >= listed[SHARD]["size"] - 2 * 4096
+    flip_byte(run_dir / "step_2" / SHARD)  # rewritten after a good load: the next load sees it
+    with pytest.raises(CorruptCheckpointError, match=SHARD_FLIPPED):
+        CheckpointManager(run_dir, verbose=False).load_checkpoint(path)  # named: no fallback
+    assert mgr.load_checkpoint(path)["tag"] == "step 1"  # what find_latest_checkpoint returned: it falls back
 
 
 def test_checkpoint_without_hashes_verifies_by_size_with_a_debug_note(run_dir, caplog):
@@ -125,12 +147,12 @@ def test_changing_the_recorded_hash_keeps_old_checkpoints_checked_by_content(run
     mgr.save_checkpoint({"model": Tiny(), "tag": "step 3"}, step=3)
     mgr.close()
     new = json.loads((run_dir / "step_3" / "metadata.json").read_text())["files"][SHARD]
-    assert set(new) == {"size", "xxh128"} and len(new["xxh128"]) == 32
+    assert set(new) == {"size", "xxh128", "xxh128_items"} and len(new["xxh128"]) == 32
     flip_byte(run_dir / "step_2" / SHARD)
-    with pytest.raises(CorruptCheckpointError, match=f"{SHARD} content hash mismatch \\(xxh3_64 of the file"):
+    with pytest.raises(CorruptCheckpointError, match=r"in bytes \d+\.\.\d+ \(xxh3_64 of those bytes"):
         CheckpointManager(run_dir).load_checkpoint(str(run_dir / "step_2"))
     flip_byte(run_dir / "step_3" / SHARD)
-    with pytest.raises(CorruptCheckpointError, match=f"{SHARD} content hash mismatch \\(xxh128 of the file"):
+    with pytest.raises(CorruptCheckpointError, match=r"in bytes \d+\.\.\d+ \(xxh128 of those bytes"):
         CheckpointManager(run_dir).load_checkpoint(str(run_dir / "step_3"))
 
 

@@ -1,0 +1,197 @@
+"""DCP's read step, with every item's bytes checked against metadata.json as they are read: one read per byte.
+
+A save records the hash of each DCP item's byte range (hashing.py, `xxh3_64_items`). Loading, reader threads
+read the items of the shards this rank needs, in file order, hash each one and hand it on only if it matches;
+DCP's own thread then deserializes it and copies it into the live tensor. So no unverified byte reaches a live
+tensor, the bytes are read once (not hashed in a pass of their own and read again by DCP), hashing runs beside
+deserializing, and the shards of one rank are read in parallel. Read-ahead is bounded (PREFETCH_BYTES).
+
+A shard without item hashes (written before they existed) was hashed whole before the load (resume_check.py)
+and is read here without a check; so is one carrying no hash this version knows (sizes only, as before).
+A mismatch raises CorruptCheckpointError inside DCP's read step, which DCP reports to every rank: the ranks
+fail, and fall back, together.
+"""
+from __future__ import annotations
+
+import io
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import _weights_only_unpickler
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint.planner import LoadItemType
+from torch.futures import Future
+
+from . import hashing
+from .errors import CorruptCheckpointError
+
+PREFETCH_BYTES = 256 << 20  # read and verified, not yet deserialized (one larger item is still admitted alone)
+READ_THREADS = 4  # shards read at once by one rank
+
+
+@dataclass
+class Expected:
+    """What a load of one checkpoint may trust, from its metadata.json (file names relative to state/)."""
+
+    state_dir: str
+    items: dict[str, tuple[str, dict[tuple[int, int], str]]] = field(default_factory=dict)  # shard -> hashes
+    trusted: set[str] = field(default_factory=set)  # shards hashed whole before the load, or size-checked only
+    metadata: tuple[str, str] | None = None  # (algorithm, digest) of state/.metadata
+    hashed_bytes: int = 0  # bytes this process hashed while loading
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, n: int) -> None:
+        with self._lock:
+            self.hashed_bytes += n
+
+    def check(self, name: str, offset: int, length: int, data: bytes) -> None:
+        if name in self.trusted:
+            return
+        where = f"state/{name}"
+        if name not in self.items:
+            raise CorruptCheckpointError(f"{self.state_dir}/{name} is read by DCP's index but has no hash in "
+                                         "metadata.json; the checkpoint is damaged: resume from another one")
+        algorithm, digests = self.items[name]
+        want = digests.get((offset, length))
+        if want is None:
+            raise CorruptCheckpointError(f"{where} bytes {offset}..{offset + length} are not an item metadata.json "
+                                         "records a hash for; the checkpoint is damaged: resume from another one")
+        got = hashing.digest(data, algorithm)
+        self.count(length)
+        if got != want:
+            raise CorruptCheckpointError(f"{where} content hash mismatch in bytes {offset}..{offset + length} "
+                                         f"({algorithm} of those bytes is {got}, metadata.json records {want})")
+
+
+class _Budget:
+    """Bytes read ahead and not yet delivered, at most `limit` (a larger item is admitted when none is out)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.stopped = limit, 0, False
+        self.cond = threading.Condition()
+
+    def take(self, n: int) -> bool:
+        with self.cond:
+            while not self.stopped and self.used and self.used + n > self.limit:
+                self.cond.wait()
+            self.used += n
+            return not self.stopped
+
+    def give(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+
+def _read_exact(f, offset: int, length: int, path: str) -> bytearray:
+    f.seek(offset)
+    data = bytearray(length)
+    view, got = memoryview(data), 0
+    while got < length:  # an unbuffered read may return less; EOF means the file shrank
+        n = f.readinto(view[got:])
+        if not n:
+            raise CorruptCheckpointError(f"{path} ends at byte {offset + got}, before the item DCP's index "
+                                         f"places at {offset}..{offset + length}; resume from another checkpoint")
+        got += n
+    return data
+
+
+def _tensor_in_place(data: bytearray) -> torch.Tensor:
+    """The tensor torch.save wrote into `data`, its storage a view of `data` (no copy): torch.load(mmap=True)'s
+    own path, over memory instead of a mapped file. torch.load (a copy) if this torch's loader differs."""
+    try:
+        with torch.serialization._open_zipfile_reader(io.BytesIO(data)) as archive:
+            storage = torch.frombuffer(data, dtype=torch.uint8).untyped_storage()
+            return torch.serialization._load(archive, "cpu", _weights_only_unpickler, overall_storage=storage,
+                                             encoding="utf-8")
+    except (AttributeError, TypeError):  # a private function moved or changed: the public, copying way
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+class VerifiedRead:
+    """Mixed into the store's DCP reader class (dcp_io.safe_reader). With `expected` set, read_data reads and
+    checks the items itself; without, it is DCP's own."""
+
+    store: Any
+    expected: Expected | None = None
+
+    def read_data(self, plan, planner) -> Future:
+        if self.expected is None:
+            return super().read_data(plan, planner)
+        per_file: dict[str, list] = {}
+        for item in plan.items:
+            where = self.storage_data[item.storage_index]
+            per_file.setdefault(where.relative_path, []).append((where.offset, where.length, item, where))
+        ready: queue.Queue = queue.Queue()
+        budget = _Budget(PREFETCH_BYTES)
+        names = iter(sorted(per_file))
+        names_lock = threading.Lock()
+
+        def next_name() -> str | None:
+            with names_lock:
+                return next(names, None)
+
+        def produce() -> None:
+            try:
+                while (name := next_name()) is not None:
+                    path = os.path.join(self.expected.state_dir, name)
+                    with self.store.open_read(path) as f:
+                        for offset, length, item, where in sorted(per_file[name], key=lambda r: r[0]):
+                            if not budget.take(length):
+                                return
+                            data = _read_exact(f, offset, length, path)
+                            self.expected.check(name, offset, length, data)
+                            ready.put((item, where, data))
+            except BaseException as e:  # handed to DCP's thread, which raises it
+                ready.put(e)
+
+        threads = [threading.Thread(target=produce, name="dcp-resume-read", daemon=True)
+                   for _ in range(min(READ_THREADS, len(per_file)))]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(len(plan.items)):
+                got = ready.get()
+                if isinstance(got, BaseException):
+                    raise got
+                item, where, data = got
+                self._deliver(item, where, data, planner)
+                budget.give(len(data))
+        finally:
+            budget.stop()
+            for t in threads:
+                t.join()
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
+    def _deliver(self, item, where, data: bytearray, planner) -> None:
+        """What DCP's read_data does with one item's bytes: load_bytes, or deserialize and copy into place."""
+        descriptors = getattr(where, "transform_descriptors", None) or ()  # DCP's stream extensions (never ours)
+        if item.type == LoadItemType.BYTE_IO:
+            stream = self.transforms.transform_load_stream(item, descriptors, io.BytesIO(data))
+            planner.load_bytes(item, io.BytesIO(stream.read()) if descriptors else stream)
+            return
+        if descriptors:
+            stream = self.transforms.transform_load_stream(item, descriptors, io.BytesIO(data))
+            tensor = torch.load(stream if stream.seekable() else io.BytesIO(stream.read()), map_location="cpu",
+                                weights_only=True)
+        else:
+            tensor = _tensor_in_place(data)
+        tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
+        target = planner.resolve_tensor(item).detach()
+        if target.size() != tensor.size():
+            raise CorruptCheckpointError(f"{self.expected.state_dir}: item {item.storage_index.fqn!r} holds a "
+                                         f"tensor of size {tuple(tensor.size())} where DCP's index says "
+                                         f"{tuple(target.size())}; resume from another checkpoint")
+        target.copy_(tensor)
+        planner.commit_tensor(item, target)
