@@ -3,7 +3,6 @@ byte flipped in any one shard of the newest checkpoint is found by the rank that
 falls back to the previous checkpoint together, restoring it bit for bit; a clean resume has each rank hash
 about 1/world of the checkpoint, so rank 0 no longer reads it whole."""
 import json
-import os
 import re
 
 import pytest
