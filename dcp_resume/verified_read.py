@@ -29,8 +29,9 @@ from torch.futures import Future
 from . import hashing
 from .errors import CorruptCheckpointError
 
-PREFETCH_BYTES = 256 << 20  # read and verified, not yet deserialized (one larger item is still admitted alone)
+PREFETCH_BYTES = 64 << 20  # read and verified, not yet deserialized (one larger item is still admitted alone)
 READ_THREADS = 4  # shards read at once by one rank
+_SLACK = 64 << 10  # a free buffer of up to 2n + _SLACK bytes serves an item of n bytes
 
 
 @dataclass
@@ -67,54 +68,98 @@ class Expected:
                                          f"({algorithm} of those bytes is {got}, metadata.json records {want})")
 
 
-class _Budget:
-    """Bytes read ahead and not yet delivered, at most `limit` (a larger item is admitted when none is out)."""
+class _Buffers:
+    """Buffers for items read and verified but not yet delivered: at most `limit` bytes out (a larger item is
+    admitted when none is out), each handed back after DCP's copy and reused. Reused memory is why: reading
+    into fresh memory costs a page fault per page and bytearray's zero fill, more than the read itself."""
 
     def __init__(self, limit: int):
-        self.limit, self.used, self.stopped = limit, 0, False
+        self.limit, self.out, self.held, self.stopped = limit, 0, 0, False
+        self.free: list[bytearray] = []
         self.cond = threading.Condition()
 
-    def take(self, n: int) -> bool:
+    def take(self, n: int) -> memoryview | None:
+        """A buffer of n bytes; None once stopped."""
         with self.cond:
-            while not self.stopped and self.used and self.used + n > self.limit:
+            while not self.stopped and self.out and self.out + n > self.limit:
                 self.cond.wait()
-            self.used += n
-            return not self.stopped
+            if self.stopped:
+                return None
+            self.out += n
+            fits = [b for b in self.free if n <= len(b) <= 2 * n + _SLACK]  # a small item leaves big buffers be
+            if fits:
+                buf = min(fits, key=len)
+                self.free.remove(buf)
+                return memoryview(buf)[:n]
+            self.free.sort(key=len)
+            while len(self.free) > 1 and self.held + n > self.limit:  # make room, keeping the largest
+                self.held -= len(self.free.pop(0))
+            if self.free and self.held + n > self.limit and len(self.free[0]) < n:
+                self.held -= len(self.free.pop())  # too small for this item too
+            self.held += n
+        return memoryview(bytearray(n))
 
-    def give(self, n: int) -> None:
+    def give(self, view: memoryview) -> None:
         with self.cond:
-            self.used -= n
+            self.out -= len(view)
+            self.free.append(view.obj)
             self.cond.notify_all()
 
     def stop(self) -> None:
         with self.cond:
             self.stopped = True
+            self.free.clear()
             self.cond.notify_all()
 
 
-def _read_exact(f, offset: int, length: int, path: str) -> bytearray:
+def _read_exact(f, offset: int, view: memoryview, path: str) -> None:
     f.seek(offset)
-    data = bytearray(length)
-    view, got = memoryview(data), 0
+    got, length = 0, len(view)
     while got < length:  # an unbuffered read may return less; EOF means the file shrank
         n = f.readinto(view[got:])
         if not n:
             raise CorruptCheckpointError(f"{path} ends at byte {offset + got}, before the item DCP's index "
                                          f"places at {offset}..{offset + length}; resume from another checkpoint")
         got += n
-    return data
+
+
+class _BufferFile(io.RawIOBase):
+    """A read-only file over a buffer, without the copy io.BytesIO makes of anything but `bytes`."""
+
+    def __init__(self, data):
+        self._view, self._pos = memoryview(data), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = (0, self._pos, len(self._view))[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, into) -> int:
+        got = self._view[self._pos:self._pos + len(into)]
+        into[:len(got)] = got
+        self._pos += len(got)
+        return len(got)
 
 
 def _tensor_in_place(data: bytearray) -> torch.Tensor:
     """The tensor torch.save wrote into `data`, its storage a view of `data` (no copy): torch.load(mmap=True)'s
     own path, over memory instead of a mapped file. torch.load (a copy) if this torch's loader differs."""
     try:
-        with torch.serialization._open_zipfile_reader(io.BytesIO(data)) as archive:
+        with torch.serialization._open_zipfile_reader(_BufferFile(data)) as archive:
             storage = torch.frombuffer(data, dtype=torch.uint8).untyped_storage()
             return torch.serialization._load(archive, "cpu", _weights_only_unpickler, overall_storage=storage,
                                              encoding="utf-8")
     except (AttributeError, TypeError):  # a private function moved or changed: the public, copying way
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(_BufferFile(data), map_location="cpu", weights_only=True)
 
 
 class VerifiedRead:
@@ -132,7 +177,7 @@ class VerifiedRead:
             where = self.storage_data[item.storage_index]
             per_file.setdefault(where.relative_path, []).append((where.offset, where.length, item, where))
         ready: queue.Queue = queue.Queue()
-        budget = _Budget(PREFETCH_BYTES)
+        buffers = _Buffers(PREFETCH_BYTES)
         names = iter(sorted(per_file))
         names_lock = threading.Lock()
 
@@ -146,9 +191,10 @@ class VerifiedRead:
                     path = os.path.join(self.expected.state_dir, name)
                     with self.store.open_read(path) as f:
                         for offset, length, item, where in sorted(per_file[name], key=lambda r: r[0]):
-                            if not budget.take(length):
+                            data = buffers.take(length)
+                            if data is None:
                                 return
-                            data = _read_exact(f, offset, length, path)
+                            _read_exact(f, offset, data, path)
                             self.expected.check(name, offset, length, data)
                             ready.put((item, where, data))
             except BaseException as e:  # handed to DCP's thread, which raises it
@@ -165,9 +211,9 @@ class VerifiedRead:
                     raise got
                 item, where, data = got
                 self._deliver(item, where, data, planner)
-                budget.give(len(data))
+                buffers.give(data)
         finally:
-            budget.stop()
+            buffers.stop()
             for t in threads:
                 t.join()
         done: Future = Future()
