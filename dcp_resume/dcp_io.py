@@ -157,14 +157,26 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 class _SafeMetadata:
     """read_metadata that unpickles with _MetadataUnpickler instead of plain pickle (mixed into the store's DCP
-    reader class by safe_reader), reading `.metadata` through the store: a regular file, bounded."""
+    reader class by safe_reader), reading `.metadata` through the store: a regular file, bounded. Given
+    `expected`, the index is hashed, and read once per load (DCP's own read_metadata gets the one the load's
+    template was built from)."""
 
     store: Storage
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))
-        data = self.store.read_bytes(str(path), limit=METADATA_LIMIT)  # a regular file, bounded, never a FIFO
+        path = str(self._get_metadata_path(kwargs.get("rank")))
         expected = getattr(self, "expected", None)
+        if expected is not None and expected.index is not None and expected.index[0] == path:
+            metadata = expected.index[1]  # read and checked earlier in this load (the template was built from it)
+        else:
+            metadata = self._read_checked(path, expected)
+            if expected is not None:
+                expected.index = (path, metadata)
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def _read_checked(self, path: str, expected: Expected | None) -> Metadata:
+        data = self.store.read_bytes(path, limit=METADATA_LIMIT)  # a regular file, bounded, never a FIFO
         if expected is not None and expected.metadata is not None:
             algorithm, want = expected.metadata
             expected.count(len(data))
@@ -172,7 +184,7 @@ class _SafeMetadata:
                 raise CorruptCheckpointError(f"{path} content hash mismatch ({algorithm} of the file is {got}, "
                                              f"metadata.json records {want}); resume from another checkpoint")
         try:
-            metadata = _MetadataUnpickler(io.BytesIO(data), str(path), len(data)).load()
+            metadata = _MetadataUnpickler(io.BytesIO(data), path, len(data)).load()
         except (UnsafeCheckpointError, CorruptCheckpointError):
             raise
         except Exception as e:  # truncated or not a pickle at all
@@ -186,7 +198,6 @@ class _SafeMetadata:
                                          "damaged or crafted: resume from another one")
         if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader.read_metadata does
             metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
         return metadata
 
 

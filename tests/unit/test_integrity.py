@@ -87,8 +87,9 @@ def test_damage_is_detected_auto_resume_falls_back_explicit_errors(run_dir, dama
 
 
 def test_resume_reads_each_byte_once_and_checks_it(run_dir, monkeypatch):
-    """find_latest_checkpoint reads DCP's small index, not the shard; the load hashes each item as it reads it,
-    once, and nothing in a separate pass. A byte flipped after a good load is caught by the next one."""
+    """find_latest_checkpoint reads DCP's small index, not the shard; the load reads and hashes the index once,
+    and each item once as it reads it, and nothing in a separate pass. A byte flipped after a good load is
+    caught by the next one."""
     # A spy (the real function runs; it is only counted): how often bytes are hashed cannot be seen otherwise.
     whole, items = [], []
     real_file, real_digest = hashing.file_digest, hashing.digest
@@ -102,7 +103,7 @@ def test_resume_reads_each_byte_once_and_checks_it(run_dir, monkeypatch):
     listed = json.loads((run_dir / "step_2" / "metadata.json").read_text())["files"]
     assert sorted(whole) == [str(run_dir / "step_2" / rel) for rel in ("config.json", "training_stats.json")]
     shard_items = sum(1 for _ in listed[SHARD]["xxh3_64_items"])
-    assert sum(n == listed["state/.metadata"]["size"] for n in items) >= 1  # the index, as DCP reads it
+    assert sum(n == listed["state/.metadata"]["size"] for n in items) == 1  # the index: read once by the load
     assert len(items) - items.count(listed["state/.metadata"]["size"]) == shard_items  # each item once
     assert mgr.load_stats.hashed_bytes >= listed[SHARD]["size"] - 2 * 4096
     flip_byte(run_dir / "step_2" / SHARD)  # rewritten after a good load: the next load sees it
