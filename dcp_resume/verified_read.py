@@ -4,7 +4,8 @@ A save records the hash of each DCP item's byte range (hashing.py, `xxh3_64_item
 read the items of the shards this rank needs, in file order, hash each one and hand it on only if it matches;
 DCP's own thread then deserializes it and copies it into the live tensor. So no unverified byte reaches a live
 tensor, the bytes are read once (not hashed in a pass of their own and read again by DCP), hashing runs beside
-deserializing, and the shards of one rank are read in parallel. Read-ahead is bounded (PREFETCH_BYTES).
+deserializing, and the shards of one rank are read in parallel. Read-ahead is bounded (PREFETCH_BYTES) and goes into
+buffers that are reused item after item (fresh memory costs more than the read), over which DCP deserializes.
 
 A shard without item hashes (written before they existed) was hashed whole before the load (resume_check.py)
 and is read here without a check; so is one carrying no hash this version knows (sizes only, as before).
@@ -153,7 +154,7 @@ class _BufferFile(io.RawIOBase):
         return len(got)
 
 
-def _tensor_in_place(data: bytearray) -> torch.Tensor:
+def _tensor_in_place(data: memoryview) -> torch.Tensor:
     """The tensor torch.save wrote into `data`, its storage a view of `data` (no copy): torch.load(mmap=True)'s
     own path, over memory instead of a mapped file. torch.load (a copy) if this torch's loader differs."""
     try:
@@ -223,7 +224,7 @@ class VerifiedRead:
         done.set_result(None)
         return done
 
-    def _deliver(self, item, where, data: bytearray, planner) -> None:
+    def _deliver(self, item, where, data: memoryview, planner) -> None:
         """What DCP's read_data does with one item's bytes: load_bytes, or deserialize and copy into place."""
         descriptors = getattr(where, "transform_descriptors", None) or ()  # DCP's stream extensions (never ours)
         if item.type == LoadItemType.BYTE_IO:
