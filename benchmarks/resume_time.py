@@ -21,8 +21,8 @@ init_process_group), build (model, FSDP2, optimizer), discovery, verification, l
 at a barrier. Cold: before each run every file of the checkpoint is fsync'ed and evicted (posix_fadvise
 DONTNEED; /proc/sys/vm/drop_caches too where permitted), its residency after eviction recorded. Warm: one
 untimed engine run first (it reads every file; --quick reads the files instead), residency before each run
-recorded. Each cell runs --repeats times, methods interleaved (engine, dcp_plain, read_floor, engine, ...);
-figures are medians. Every rank's /proc/self/io deltas (rchar: bytes through read calls, page cache
+recorded. Each cell runs --repeats times, methods interleaved and rotated (engine, dcp_plain, read_floor, then
+dcp_plain, read_floor, engine, ...); figures are medians. Every rank's /proc/self/io deltas (rchar: bytes through read calls, page cache
 included; read_bytes: from the device) around discovery + verification + load, and the engine's
 hashed_bytes where load_stats has them, are reported per rank and as a fraction of the checkpoint's bytes.
 Writes OUT/resume_time.json, OUT/resume_time.md and (with matplotlib) OUT/resume_time.png.
@@ -222,10 +222,12 @@ def warm_up(ranks: int, mb: float, ckpt: str, work: str, by_run: bool) -> None:
 
 def measure_cell(cache: str, ranks: int, mb: float, ckpt: str, work: str, repeats: int,
                  ckpt_bytes: int) -> list[dict]:
-    """`repeats` rounds of every method, interleaved; cold: the checkpoint evicted before each run."""
+    """`repeats` rounds of every method, interleaved, the order rotated each round (what runs just before a
+    method changes the memory and cache it starts with: on this VM a run after another was ~0.2 s slower or
+    faster by position alone); cold: the checkpoint evicted before each run."""
     trials = []
     for rep in range(repeats):
-        for m in METHODS:
+        for m in METHODS[rep % len(METHODS):] + METHODS[:rep % len(METHODS)]:
             resident = evict_tree(ckpt) if cache == "cold" else cached_fraction(ckpt)
             run = launch(m, ranks, mb, ckpt, work)
             trials.append({"method": m, "ranks": ranks, "size_mb": mb, "cache": cache, "repeat": rep,
@@ -252,8 +254,8 @@ def markdown(result: dict) -> str:
     run = result["run"]
     lines = [f"Machine: {result['machine']['summary']}", "",
              f"Code: {run['dcp_resume']} (note: {run['code_note'] or '-'}); save dir {run['save_dir']}", "",
-             f"Medians of {run['repeats']} fresh torchrun launch(es) per cell, methods interleaved; cold: the "
-             "checkpoint's pages evicted before each run; warm: after "
+             f"Medians of {run['repeats']} fresh torchrun launch(es) per cell, methods interleaved and rotated; "
+             "cold: the checkpoint's pages evicted before each run; warm: after "
              + ("one untimed engine run" if run["warm_by_run"] else "reading every file once") + ". Seconds.",
              "Engine split: start-up / build / discovery / verification / load / first step (discovery and "
              "verification as one figure, find_latest_checkpoint, where the engine has no load_stats). "

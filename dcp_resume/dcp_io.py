@@ -97,8 +97,23 @@ def load(store: Storage, template: dict[str, Any], state_dir: str, group, expect
         raise
 
 
-def read_metadata(store: Storage, state_dir: str, expected: Expected | None = None) -> Metadata:
-    return safe_reader(store, state_dir, expected).read_metadata()
+def read_metadata(store: Storage, state_dir: str, expected: Expected | None = None, *, shared: bool = False
+                  ) -> Metadata:
+    """state_dir's DCP index, unpickled safely and checked (metadata_check). `shared`: the caller only reads it,
+    so it may be the object an earlier shared read of the same bytes got (the newest is kept: a resume's
+    discovery and its load parse and check the index once); forget_shared_index() drops it."""
+    reader = safe_reader(store, state_dir, expected)
+    reader.shared = shared
+    return reader.read_metadata()
+
+
+# The newest index read with shared=True, by (path, xxh3 of its bytes): the same bytes give the same checked
+# object, so reusing it is as safe as parsing again. One entry: an index of a huge model is large.
+_shared_index: dict[tuple[str, str], Metadata] = {}
+
+
+def forget_shared_index() -> None:
+    _shared_index.clear()
 
 
 # -- loading without running code from the checkpoint ----------------------------------------------
@@ -162,6 +177,7 @@ class _SafeMetadata:
     template was built from)."""
 
     store: Storage
+    shared: bool = False  # see read_metadata(shared=)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = str(self._get_metadata_path(kwargs.get("rank")))
@@ -177,12 +193,26 @@ class _SafeMetadata:
 
     def _read_checked(self, path: str, expected: Expected | None) -> Metadata:
         data = self.store.read_bytes(path, limit=METADATA_LIMIT)  # a regular file, bounded, never a FIFO
+        keyed_by = hashing.RECORDED  # the shared key's hash: usually the recorded one too
+        digest = hashing.digest(data, keyed_by) if self.shared else None
         if expected is not None and expected.metadata is not None:
             algorithm, want = expected.metadata
             expected.count(len(data))
-            if (got := hashing.digest(data, algorithm)) != want:
+            got = digest if digest is not None and algorithm == keyed_by else hashing.digest(data, algorithm)
+            if got != want:
                 raise CorruptCheckpointError(f"{path} content hash mismatch ({algorithm} of the file is {got}, "
                                              f"metadata.json records {want}); resume from another checkpoint")
+        key = (path, digest)
+        if self.shared and key in _shared_index:
+            return _shared_index[key]
+        metadata = self._parse_checked(path, data)
+        if self.shared:
+            _shared_index.clear()
+            _shared_index[key] = metadata
+        return metadata
+
+    @staticmethod
+    def _parse_checked(path: str, data: bytes) -> Metadata:
         try:
             metadata = _MetadataUnpickler(io.BytesIO(data), path, len(data)).load()
         except (UnsafeCheckpointError, CorruptCheckpointError):

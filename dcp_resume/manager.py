@@ -30,6 +30,7 @@ from .errors import (
     CheckpointSaveError,
     CorruptCheckpointError,
 )
+from .gc_pause import gc_paused
 from .logs import configure as configure_logging
 from .logs import logger
 from .options import CheckpointOptions, as_dict
@@ -157,7 +158,8 @@ class CheckpointManager:
         store = self.storage if where == self.save_dir else open_storage(where)
         if store is self.storage:
             self._check_reachable()
-        info = integrity.latest_candidate(store, where)
+        with gc_paused():
+            info = integrity.latest_candidate(store, where)
         self._discovered = (info.path, where) if info else None
         return info.path if info else None
 
@@ -237,6 +239,14 @@ class CheckpointManager:
         per_rank.validate_policy(per_rank_policy)
         self._set_logging()
         self.wait()
+        try:
+            with gc_paused():
+                return self._load_checkpoint(checkpoint_path, map_location, state, per_rank_policy)
+        finally:
+            dcp_io.forget_shared_index()
+
+    def _load_checkpoint(self, checkpoint_path: str | os.PathLike | None, map_location: Any,
+                         state: dict[str, Any] | None, per_rank_policy: str) -> dict[str, Any]:
         self.load_stats = stats = LoadStats()
         t0 = time.perf_counter()
         path = None if checkpoint_path is None else os.fspath(checkpoint_path)
@@ -279,7 +289,7 @@ class CheckpointManager:
         saved_world = info.meta.get("world_size")
 
         def prepare(expected):
-            meta = dcp_io.read_metadata(store, state_dir, expected)
+            meta = dcp_io.read_metadata(store, state_dir, expected, shared=True)  # parsed once if discovered
             if state is None:
                 return dcp_io.template_from_metadata(meta, None, map_location), None, None
             live = live_state.split(state)

@@ -27,12 +27,11 @@ from torch.distributed.checkpoint.metadata import (
 
 
 def _is_dims(value: Any) -> bool:
-    return isinstance(value, (tuple, list)) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                    for d in value)
+    return isinstance(value, (tuple, list)) and all(map(_is_count, value))
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return type(value) is int and value >= 0  # not bool (a subclass), not a float
 
 
 def _storage_problem(index: Any, info: Any) -> str | None:
@@ -49,7 +48,7 @@ def _storage_problem(index: Any, info: Any) -> str | None:
     return None
 
 
-def _tensor_problem(fqn: str, md: TensorStorageMetadata, storage_data: dict) -> str | None:
+def _tensor_problem(fqn: str, md: TensorStorageMetadata, stored_length: dict) -> str | None:
     dtype = getattr(getattr(md, "properties", None), "dtype", None)
     if not isinstance(dtype, torch.dtype):
         return f"tensor {fqn!r} has dtype {dtype!r}, not a torch dtype"
@@ -58,21 +57,19 @@ def _tensor_problem(fqn: str, md: TensorStorageMetadata, storage_data: dict) -> 
     chunks = md.chunks
     if not isinstance(chunks, list) or not all(isinstance(c, ChunkStorageMetadata) for c in chunks):
         return f"tensor {fqn!r} has chunks of the wrong kind"
-    covered = 0
+    covered, dims = 0, len(md.size)
     for chunk in chunks:
-        if not (_is_dims(chunk.offsets) and _is_dims(chunk.sizes)
-                and len(chunk.offsets) == len(chunk.sizes) == len(md.size)
-                and all(o + s <= d for o, s, d in zip(chunk.offsets, chunk.sizes, md.size))):
-            return f"tensor {fqn!r} of size {list(md.size)} has a chunk at {chunk.offsets!r} of size " \
-                   f"{chunk.sizes!r} that does not fit in it"
-        numel = math.prod(chunk.sizes)
+        offsets, sizes = chunk.offsets, chunk.sizes
+        if not (_is_dims(offsets) and _is_dims(sizes) and len(offsets) == len(sizes) == dims
+                and all(o + s <= d for o, s, d in zip(offsets, sizes, md.size))):
+            return f"tensor {fqn!r} of size {list(md.size)} has a chunk at {offsets!r} of size " \
+                   f"{sizes!r} that does not fit in it"
+        numel = math.prod(sizes)
         covered += numel
-        info = storage_data.get(MetadataIndex(fqn, chunk.offsets))
-        if info is not None and not getattr(info, "transform_descriptors", None):
-            need = numel * dtype.itemsize
-            if need > info.length:
-                return f"tensor {fqn!r} declares a chunk of {list(chunk.sizes)} {dtype} ({need} bytes) stored " \
-                       f"in only {info.length} bytes"
+        length = stored_length.get((fqn, tuple(offsets)))
+        if length is not None and numel * dtype.itemsize > length:
+            return f"tensor {fqn!r} declares a chunk of {list(sizes)} {dtype} ({numel * dtype.itemsize} bytes) " \
+                   f"stored in only {length} bytes"
     if covered < math.prod(md.size):
         return f"tensor {fqn!r} of size {list(md.size)} ({math.prod(md.size)} elements) has chunks covering " \
                f"only {covered}"
@@ -84,14 +81,17 @@ def problem(meta: Metadata) -> str | None:
     storage_data, items = getattr(meta, "storage_data", None), getattr(meta, "state_dict_metadata", None)
     if not isinstance(storage_data, dict) or not isinstance(items, dict):
         return "storage_data or state_dict_metadata is not a mapping"
+    stored_length = {}  # (fqn, chunk offsets) -> bytes stored, for chunks stored without a stream transform
     for index, info in storage_data.items():
         if (found := _storage_problem(index, info)) is not None:
             return found
+        if isinstance(index.offset, (tuple, list)) and not getattr(info, "transform_descriptors", None):
+            stored_length[(index.fqn, tuple(index.offset))] = info.length
     for fqn, md in items.items():
         if not isinstance(fqn, str):
             return f"an item is keyed by {type(fqn).__name__}, not a string"
         if isinstance(md, TensorStorageMetadata):
-            if (found := _tensor_problem(fqn, md, storage_data)) is not None:
+            if (found := _tensor_problem(fqn, md, stored_length)) is not None:
                 return found
         elif not isinstance(md, BytesStorageMetadata):
             return f"item {fqn!r} is described by a {type(md).__name__}"

@@ -114,7 +114,7 @@ def _check_dcp_coverage(store: Storage, report: Report, listed: set[str], presen
             report.add(index_rel, "missing: DCP's index of the shards")
         return
     try:
-        meta = dcp_io.read_metadata(store, os.path.join(report.path, layout.STATE_DIR))
+        meta = dcp_io.read_metadata(store, os.path.join(report.path, layout.STATE_DIR), shared=True)
     except (CorruptCheckpointError, UnsafeCheckpointError, OSError) as e:
         report.add(index_rel, str(e))
         return

@@ -27,7 +27,7 @@ from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
-from . import hashing
+from . import hashing, saved_tensor
 from .errors import CorruptCheckpointError
 
 # Read and verified, not yet deserialized (one larger item is still admitted alone). Small, so buffers come back
@@ -156,8 +156,12 @@ class _BufferFile(io.RawIOBase):
 
 
 def _tensor_in_place(data: memoryview) -> torch.Tensor:
-    """The tensor torch.save wrote into `data`, its storage a view of `data` (no copy): torch.load(mmap=True)'s
-    own path, over memory instead of a mapped file. torch.load (a copy) if this torch's loader differs."""
+    """The tensor torch.save wrote into `data`, its storage a view of `data` (no copy): saved_tensor's reader,
+    else torch.load(mmap=True)'s own path over memory instead of a mapped file, else torch.load (a copy) if
+    this torch's loader differs."""
+    fast = saved_tensor.tensor_view(data)
+    if fast is not None:
+        return fast
     try:
         with torch.serialization._open_zipfile_reader(_BufferFile(data)) as archive:
             storage = torch.frombuffer(data, dtype=torch.uint8).untyped_storage()

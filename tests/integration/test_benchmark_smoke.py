@@ -193,3 +193,29 @@ def test_resume_time_smoke_reports_phases_bytes_and_ratios(tmp_path):
     table = (tmp_path / "resume_time.md").read_text()
     assert "| ranks | params MB | ckpt MB | cache | engine total |" in table and "| 1 | 2 | " in table
     assert not [p for p in os.listdir(tmp_path) if p.startswith("resume_time_")]  # its save dir is removed
+
+
+GPU_CHECK = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+
+
+def test_gpu_check_without_a_gpu_says_so_and_runs_nothing(tmp_path):
+    proc = run(["bash", GPU_CHECK, str(tmp_path)], env={"PYTHON": sys.executable}, timeout=120)
+    assert "gpu_check: no usable CUDA GPU, skipping every GPU step (exit 0): " in proc.stdout, proc.stdout
+    assert "a CPU-only build (torch.version.cuda is None)" in proc.stdout
+    assert os.listdir(tmp_path) == ["gpu_check.log"]
+
+
+def test_gpu_check_script_runs_every_step_on_cpu_when_told_to(tmp_path):
+    """GPU_CHECK_ALLOW_CPU=1 (the script's own test mode): every step runs at a tiny size on CPU and the table
+    and step list come out, so the script a lent GPU gets has run end to end here (the GPU paths have not)."""
+    out = tmp_path / "out"
+    proc = run(["bash", GPU_CHECK, str(out)], timeout=420,
+               env={"PYTHON": sys.executable, "GPU_CHECK_ALLOW_CPU": "1", "GPU_CHECK_METHODS": "dcp_sync engine_sync",
+                    "GPU_CHECK_SAVE_DIR": str(tmp_path / "scratch")})
+    summary = (out / "summary.md").read_text()
+    assert "| params MB/rank | method | state MB/rank | blocking s | D2H floor s |" in summary, summary
+    assert all(f"| {m} |" in summary for m in ("dcp_sync", "engine_sync")), summary
+    assert "Steps (CPU TEST RUN of the script, not a GPU check" in summary
+    steps = summary.split("Steps (CPU TEST RUN")[1].splitlines()[1:]
+    assert len(steps) == 4 and all(": ok (" in line for line in steps), steps  # install, pytest, probe, 16 MB
+    assert "every step ok" in proc.stdout and os.listdir(tmp_path / "scratch") == []

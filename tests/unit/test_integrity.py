@@ -1,7 +1,9 @@
 """Content hashes: every file's size and xxh3_64 in metadata.json. A damaged checkpoint is detected; resume
 (auto) falls back to the newest one that verifies, with a warning naming the checkpoint and the file; an
 explicit path errors naming the file."""
+import gc
 import json
+import pickle
 import re
 import sys
 
@@ -11,8 +13,9 @@ from common import Tiny
 from conftest import run
 from helpers import flip_byte
 
-from dcp_resume import CheckpointManager, IncompleteCheckpointError, hashing
+from dcp_resume import CheckpointManager, IncompleteCheckpointError, dcp_io, hashing, verified_read
 from dcp_resume.errors import CorruptCheckpointError
+from dcp_resume.storage import open_storage
 
 SHARD = "state/__0_0.distcp"
 HEX = "[0-9a-f]{16}"
@@ -99,6 +102,7 @@ def test_resume_reads_each_byte_once_and_checks_it(run_dir, monkeypatch):
     path = mgr.find_latest_checkpoint()
     assert path == str(run_dir / "step_2") and whole == [str(run_dir / "step_2" / "state/.metadata")]
     whole.clear()
+    items.clear()
     mgr.load_checkpoint(path)
     listed = json.loads((run_dir / "step_2" / "metadata.json").read_text())["files"]
     assert sorted(whole) == [str(run_dir / "step_2" / rel) for rel in ("config.json", "training_stats.json")]
@@ -110,6 +114,57 @@ def test_resume_reads_each_byte_once_and_checks_it(run_dir, monkeypatch):
     with pytest.raises(CorruptCheckpointError, match=SHARD_FLIPPED):
         CheckpointManager(run_dir, verbose=False).load_checkpoint(path)  # named: no fallback
     assert mgr.load_checkpoint(path)["tag"] == "step 1"  # what find_latest_checkpoint returned: it falls back
+
+
+def test_discovery_and_load_parse_the_index_once_and_only_the_same_bytes(run_dir, monkeypatch):
+    """find_latest_checkpoint parses and checks DCP's index; the load reuses that object only while the file holds
+    the same bytes (the load still hashes it against metadata.json). A rewritten index, even one that checks,
+    is parsed again: the object the load uses is always the one its bytes give."""
+    parsed = []
+    real = dcp_io._SafeMetadata._parse_checked
+    monkeypatch.setattr(dcp_io._SafeMetadata, "_parse_checked",
+                        staticmethod(lambda path, data: parsed.append(path) or real(path, data)))
+    mgr = CheckpointManager(run_dir, verbose=False)
+    path = mgr.find_latest_checkpoint()
+    assert mgr.load_checkpoint(path)["tag"] == "step 2" and len(parsed) == 1
+    assert dcp_io._shared_index == {}  # dropped after the load: an index of a huge model is large
+
+    index = run_dir / "step_2" / "state" / ".metadata"
+    meta = dcp_io.read_metadata(open_storage(str(run_dir)), str(index.parent))
+    meta.planner_data = {**meta.planner_data, "unused": ("unused",)}  # other bytes, still a valid index
+    index.write_bytes(pickle.dumps(meta))
+    commit = json.loads((run_dir / "step_2" / "metadata.json").read_text())
+    commit["files"]["state/.metadata"] = hashing.file_info(open_storage(str(index)), str(index))
+    (run_dir / "step_2" / "metadata.json").write_text(json.dumps(commit))
+    parsed.clear()
+    assert mgr.find_latest_checkpoint() == path  # the new bytes: parsed, and reused by the load
+    assert mgr.load_checkpoint(path)["tag"] == "step 2" and len(parsed) == 1
+    parsed.clear()
+    assert mgr.find_latest_checkpoint() == path
+    flip_byte(index)  # after discovery: the load hashes the bytes, refuses them and falls back
+    assert mgr.load_checkpoint(path)["tag"] == "step 1" and mgr.loaded_path == str(run_dir / "step_1")
+
+
+def test_loads_run_without_the_cyclic_collector_and_restore_its_setting(run_dir, monkeypatch):
+    """A load allocates ~10^5 objects that all live until it ends: collections during it free nothing and
+    each walks the whole heap. Off during discovery and the load, back as the caller had it afterwards."""
+    seen = []
+    real = verified_read.VerifiedRead.read_data
+    monkeypatch.setattr(verified_read.VerifiedRead, "read_data",
+                        lambda self, plan, planner: seen.append(gc.isenabled()) or real(self, plan, planner))
+    mgr = CheckpointManager(run_dir, verbose=False)
+    assert gc.isenabled()
+    mgr.load_checkpoint(mgr.find_latest_checkpoint())
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        flip_byte(run_dir / "step_2" / SHARD)  # loads that fall back or fail leave it as they found it too
+        assert mgr.load_checkpoint(mgr.find_latest_checkpoint())["tag"] == "step 1" and not gc.isenabled()
+        with pytest.raises(CorruptCheckpointError):
+            CheckpointManager(run_dir, verbose=False).load_checkpoint(str(run_dir / "step_2"))
+        assert not gc.isenabled() and seen == [False, False, False, False]
+    finally:
+        gc.enable()
 
 
 def test_checkpoint_without_hashes_verifies_by_size_with_a_debug_note(run_dir, caplog):
