@@ -82,13 +82,17 @@ def _record_items(writer) -> dict[str, list[tuple[int, int]]]:
     return written
 
 
-def load(store: Storage, template: dict[str, Any], state_dir: str, group, expected: Expected | None = None) -> None:
+def load(store: Storage, template: dict[str, Any], state_dir: str, group, expected: Expected | None = None,
+         refusal: Exception | None = None) -> None:
     """Fills template in place (tensors copied into, other values replaced). With `expected`, every byte read is
-    checked against metadata.json's hashes before it is used (verified_read.py)."""
+    checked against metadata.json's hashes before it is used (verified_read.py). `refusal`: this rank's reason
+    not to load (its template may be empty), raised in DCP's plan exchange, which hands it to every rank before
+    any shard is read; every rank then raises the first failing rank's error."""
     reader = safe_reader(store, state_dir, expected)
+    reader.refusal = refusal
     try:
         with _quiet_single_process():
-            dcp.load(template, storage_reader=reader, planner=SafeLoadPlanner(reader),
+            dcp.load(template, storage_reader=reader, planner=SafeLoadPlanner(reader, refusal),
                      process_group=group, no_dist=not is_distributed())
     except CheckpointException as e:  # DCP wraps every rank's error; a refusal is ours to report as is
         for exc, _ in e.failures.values():
@@ -178,8 +182,11 @@ class _SafeMetadata:
 
     store: Storage
     shared: bool = False  # see read_metadata(shared=)
+    refusal: Exception | None = None  # see load(refusal=): DCP gets an empty index and the planner raises it
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self.refusal is not None:  # the index may be what was refused: not read again
+            return Metadata(state_dict_metadata={}, storage_data={}, storage_meta=StorageMeta())
         path = str(self._get_metadata_path(kwargs.get("rank")))
         expected = getattr(self, "expected", None)
         if expected is not None and expected.index is not None and expected.index[0] == path:
@@ -249,9 +256,14 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     values (numbers, strings, bytes, None, lists, tuples, dicts, sets) plus what the application allowed
     with torch.serialization.add_safe_globals."""
 
-    def __init__(self, reader, *args: Any, **kwargs: Any):
+    def __init__(self, reader, refusal: Exception | None = None, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._reader = reader
+        self._reader, self._refused = reader, refusal
+
+    def create_local_plan(self):
+        if self._refused is not None:  # DCP gathers it to every rank (load's docstring)
+            raise self._refused
+        return super().create_local_plan()
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         try:

@@ -60,10 +60,10 @@ def file_digests(store: Storage, path: str, algorithm: str | None = None,
     open_items: list[tuple[int, int, Any]] = []  # (offset, length, hasher) of ranges the read is inside
     done: list[list] = []
     pending = 0  # index of the next range not yet started
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
     size = 0
     with store.open_read(path) as f:
+        buf = bytearray(_buffer_size(f))
+        view = memoryview(buf)
         while n := f.readinto(buf):
             chunk = view[:n]
             whole.update(chunk)
@@ -85,6 +85,16 @@ def file_digests(store: Storage, path: str, algorithm: str | None = None,
     done += [[o, n, h.hexdigest()] for o, n, h in open_items]  # ranges past the end: a digest that never matches
     done += [[o, n, ""] for o, n in ranges[pending:]]
     return size, whole.hexdigest(), sorted(done)
+
+
+def _buffer_size(f) -> int:
+    """_CHUNK, or less for a smaller file: a fresh 4 MB buffer (zero fill, page faults) cost ~2 ms to hash a
+    60 kB DCP index, more than the hashing."""
+    try:
+        known = os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, ValueError):  # not a local file: fsspec's files say their size
+        known = getattr(f, "size", None)
+    return min(_CHUNK, known + 1) if isinstance(known, int) and known >= 0 else _CHUNK
 
 
 def file_info(store: Storage, path: str, items: Iterable[tuple[int, int]] = ()) -> dict[str, Any]:

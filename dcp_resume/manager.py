@@ -297,11 +297,12 @@ class CheckpointManager:
                 live, meta, map_location, saved_world=saved_world if isinstance(saved_world, int) else -1,
                 rank=rank(), world=world_size(), per_rank_policy=per_rank_policy)
             return loaded, live, rank_plan
-        expected, (loaded, live, rank_plan) = resume_check.agreed_problem(
-            store, info, self._group, rank(), world_size(), stats, prepare)
+        expected, prepared, refusal = resume_check.share_and_prepare(
+            store, info, rank(), world_size(), stats, prepare)
+        loaded, live, rank_plan = prepared or ({}, None, None)
         t0 = time.perf_counter()
         try:
-            dcp_io.load(store, loaded, state_dir, self._group.group, expected)
+            dcp_io.load(store, loaded, state_dir, self._group.group, expected, refusal)
         except CorruptCheckpointError as e:  # a rank found an item that does not match: every rank is here
             raise integrity.corrupt(info.path, "hash", getattr(e, "detail", str(e))) from None
         finally:

@@ -8,9 +8,10 @@ to rank r, which is the rank that reads it on a resume at the same world size. S
 about 1/world of the checkpoint for verification beyond what its own load reads, and a single process
 hashes several files at once (integrity.hash_problem's threads).
 
-The ranks agree before loading (`agreed_problem`: every rank's verdict, all gathered, the same first problem
-on every rank) and while loading (DCP hands a read error on any rank to all of them), so they fall back to
-the previous checkpoint together.
+The ranks agree without a collective of their own: a rank whose share or whose template fails
+(`share_and_prepare`) raises it in DCP's plan exchange, before any shard is read, and one that finds a bad
+item raises it in DCP's read step; DCP hands either to every rank (the first failing rank's error on all),
+so they fall back to the previous checkpoint together.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 
 from . import hashing, integrity
 from .dcp_io import DCP_METADATA
-from .distributed import CommitGroup
 from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -41,7 +41,7 @@ class LoadStats:
 
     path: str | None = None  # the checkpoint loaded
     discovery_s: float = 0.0  # choosing the checkpoint: listing, metadata.json, DCP's index
-    verify_s: float = 0.0  # hashing this rank's share of the whole files, and the agreement
+    verify_s: float = 0.0  # hashing this rank's share of the whole files
     load_s: float = 0.0  # DCP's load, items verified as they are read
     hashed_bytes: int = 0  # bytes this rank hashed: its share of whole files + the items and index it read
     checkpoint_bytes: int = 0  # the loaded checkpoint's files, all of them
@@ -108,11 +108,12 @@ def _hash_share(store: Storage, info: CheckpointInfo, share: list[str]) -> tuple
     return (None if text is None else ("corrupt", text)), read
 
 
-def agreed_problem(store: Storage, info: CheckpointInfo, group: CommitGroup, rank: int, world: int,
-                   stats: LoadStats, prepare) -> tuple[Expected, object]:
-    """Collective. This rank hashes its share, then runs `prepare(expected)` (reading DCP's index and building
-    the load's template); every rank's verdict is gathered, and every rank raises the same first problem (an
-    UnsafeCheckpointError or a CorruptCheckpointError naming the file) or returns (expected, prepare's result)."""
+def share_and_prepare(store: Storage, info: CheckpointInfo, rank: int, world: int, stats: LoadStats,
+                      prepare) -> tuple[Expected, object, Exception | None]:
+    """This rank hashes its share, then runs `prepare(expected)` (reading DCP's index and building the load's
+    template): (expected, prepare's result, the refusal this rank found or None). The refusal is an
+    UnsafeCheckpointError or a CorruptCheckpointError naming the file; no collective here: dcp_io.load raises it
+    in DCP's own plan exchange, which hands it to every rank before any shard is read."""
     t0 = time.perf_counter()
     expected, whole = expectations(info)
     files = info.meta.get("files") or {}
@@ -120,26 +121,18 @@ def agreed_problem(store: Storage, info: CheckpointInfo, group: CommitGroup, ran
     if rank == 0 and problem is None:
         integrity.note_unhashed(info.path, files)
     stats.hashed_bytes += read
-    result, prepare_s = None, 0.0
-    if problem is None:
-        t1 = time.perf_counter()
-        try:
-            result = prepare(expected)
-        except UnsafeCheckpointError as e:
-            problem = ("unsafe", str(e))
-        except CorruptCheckpointError as e:
-            problem = ("corrupt", str(e))
-        prepare_s = time.perf_counter() - t1
-    verdicts = group.all_gather(problem)
-    stats.load_s += prepare_s
-    stats.verify_s += time.perf_counter() - t0 - prepare_s
-    first = next((v for v in verdicts if v is not None), None)
-    if first is None:
-        return expected, result
-    kind, text = first
-    if kind == "unsafe":
-        raise UnsafeCheckpointError(text)
-    raise integrity.corrupt(info.path, "hash", text)
+    stats.verify_s += time.perf_counter() - t0
+    if problem is not None:
+        return expected, None, integrity.corrupt(info.path, "hash", problem[1])
+    t1 = time.perf_counter()
+    try:
+        return expected, prepare(expected), None
+    except UnsafeCheckpointError as e:
+        return expected, None, e
+    except CorruptCheckpointError as e:
+        return expected, None, integrity.corrupt(info.path, "hash", str(e))
+    finally:
+        stats.load_s += time.perf_counter() - t1
 
 
 def named_checkpoint(store: Storage, path: str, check_index: bool) -> CheckpointInfo:

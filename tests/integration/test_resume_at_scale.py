@@ -10,6 +10,9 @@ import torch
 from conftest import torchrun
 from helpers import assert_same
 
+from dcp_resume import resume_check
+from dcp_resume.layout import CheckpointInfo
+
 pytestmark = pytest.mark.slow  # integration: torchrun with gloo ranks
 
 
@@ -32,7 +35,7 @@ def test_a_flipped_byte_in_any_shard_makes_every_rank_fall_back_together(resumed
     for r in range(world):
         case = f"__{r}_0.distcp"
         for rank, report in enumerate(reports):
-            got = report[case]
+            got = report[f"state/{case}"]
             assert got["loaded"] == str(out / "run" / "step_1"), (case, rank)
             assert got["stats"]["skipped"] == [str(out / "run" / "step_2")], (case, rank)
         assert re.search(rf"Skipping checkpoint {re.escape(str(out / 'run' / 'step_2'))}: state/{case} content hash "
@@ -61,3 +64,21 @@ def test_a_clean_resume_has_each_rank_verify_about_its_share(resumed):
     rank0_read = reports[0]["clean"]["rchar"]  # everything rank 0 read (/proc/self/io) over the whole load
     assert rank0_read < total * (0.5 if world == 4 else 0.75), (rank0_read, total)
     assert_same(torch.load(out / "ref_step_2.pt"), torch.load(out / "restored_clean.pt"))
+
+
+def test_a_side_file_one_rank_finds_damaged_makes_every_rank_fall_back_before_reading(resumed):
+    """config.json and training_stats.json are hashed whole before the load, each by one rank (resume_check.shares):
+    the rank that finds the flipped byte refuses in DCP's plan exchange, and every rank falls back together."""
+    world, out, reports, log = resumed
+    files = _files(out)
+    _, whole = resume_check.expectations(CheckpointInfo(str(out / "run" / "step_2"), True, meta={"files": files}))
+    owners = {rel: r for r, share in enumerate(resume_check.shares(files, whole, world)) for rel in share}
+    assert {owners["config.json"], owners["training_stats.json"]} == {0, 1}  # one of them is not the coordinator
+    for case in ("config.json", "training_stats.json"):
+        for rank, report in enumerate(reports):
+            got = report[case]
+            assert got["loaded"] == str(out / "run" / "step_1"), (case, rank)
+            assert got["stats"]["skipped"] == [str(out / "run" / "step_2")], (case, rank)
+        assert re.search(rf"Skipping checkpoint {re.escape(str(out / 'run' / 'step_2'))}: {case} content hash "
+                         r"mismatch \(xxh3_64 of the file is", log), (case, log[-3000:])
+        assert_same(torch.load(out / "ref_step_1.pt"), torch.load(out / f"restored_{case}.pt"))

@@ -3,8 +3,8 @@
     agreed_verify.py OUT_DIR
 
 Saves an FSDP2 model + AdamW twice (step_1, then step_2 after more training; full writes, not incremental),
-then resumes with fresh objects: once clean, then once per shard of step_2 with one byte of that shard
-flipped (rank 0 flips it between barriers, and flips it back after). Each rank writes OUT_DIR/rank<r>.json:
+then resumes with fresh objects: once clean, then once per shard and per side file of step_2 with one byte of
+that file flipped (rank 0 flips it between barriers, and flips it back after). Each rank writes OUT_DIR/rank<r>.json:
 per case, the checkpoint it loaded, the engine's load_stats and /proc/self/io's rchar growth over the load;
 rank 0 also saves the full restored state per case, and the reference states of step_1 and step_2.
 """
@@ -81,10 +81,11 @@ with CheckpointManager(save_dir, keep_last_n=None, verbose=False, incremental=Fa
         if rank == 0:
             torch.save(ref, os.path.join(out, f"ref_step_{n}.pt"))
 
-cases = ["clean"] + [f"__{r}_0.distcp" for r in range(world)]
+# a shard's flipped byte is found by the rank reading it, mid-load; a side file's by the rank hashing it, before
+cases = ["clean"] + [f"state/__{r}_0.distcp" for r in range(world)] + ["config.json", "training_stats.json"]
 report = {}
 for case in cases:
-    shard = os.path.join(save_dir, "step_2", "state", case)
+    shard = os.path.join(save_dir, "step_2", case)
     if case != "clean" and rank == 0:
         flip(shard)
     dist.barrier()
@@ -96,7 +97,7 @@ for case in cases:
     mgr.close()
     got = full_state(model, opt)
     if rank == 0:
-        torch.save(got, os.path.join(out, f"restored_{case}.pt"))
+        torch.save(got, os.path.join(out, f"restored_{os.path.basename(case)}.pt"))
         if case != "clean":
             flip(shard)  # back as it was
     dist.barrier()
