@@ -90,13 +90,16 @@ def load(store: Storage, template: dict[str, Any], state_dir: str, group, expect
     any shard is read; every rank then raises the first failing rank's error."""
     reader = safe_reader(store, state_dir, expected)
     reader.refusal = refusal
+    if refusal is not None:
+        refusal.refused_before_reading = True  # travels with it (an exception pickles its __dict__)
     try:
         with _quiet_single_process():
             dcp.load(template, storage_reader=reader, planner=SafeLoadPlanner(reader, refusal),
                      process_group=group, no_dist=not is_distributed())
     except CheckpointException as e:  # DCP wraps every rank's error; a refusal is ours to report as is
         for exc, _ in e.failures.values():
-            if isinstance(exc, (UnsafeCheckpointError, CorruptCheckpointError)):
+            if isinstance(exc, (UnsafeCheckpointError, CorruptCheckpointError)) or getattr(
+                    exc, "refused_before_reading", False):
                 raise exc from None
         raise
 

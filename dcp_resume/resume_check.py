@@ -112,8 +112,9 @@ def share_and_prepare(store: Storage, info: CheckpointInfo, rank: int, world: in
                       prepare) -> tuple[Expected, object, Exception | None]:
     """This rank hashes its share, then runs `prepare(expected)` (reading DCP's index and building the load's
     template): (expected, prepare's result, the refusal this rank found or None). The refusal is an
-    UnsafeCheckpointError or a CorruptCheckpointError naming the file; no collective here: dcp_io.load raises it
-    in DCP's own plan exchange, which hands it to every rank before any shard is read."""
+    UnsafeCheckpointError or a CorruptCheckpointError naming the file, or the TypeError/ValueError (such as
+    CheckpointMismatchError) that the live objects raised; no collective here: dcp_io.load raises it in DCP's own
+    plan exchange, which hands it to every rank before any shard is read."""
     t0 = time.perf_counter()
     expected, whole = expectations(info)
     files = info.meta.get("files") or {}
@@ -131,6 +132,8 @@ def share_and_prepare(store: Storage, info: CheckpointInfo, rank: int, world: in
         return expected, None, e
     except CorruptCheckpointError as e:
         return expected, None, integrity.corrupt(info.path, "hash", str(e))
+    except (TypeError, ValueError) as e:  # the live objects do not fit (CheckpointMismatchError, a bad key): raised
+        return expected, None, e  # on every rank alike, where the other ranks would wait for this one in DCP
     finally:
         stats.load_s += time.perf_counter() - t1
 

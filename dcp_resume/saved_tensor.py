@@ -2,12 +2,13 @@
 
 torch.load of one DCP item costs ~95 us here (a zip reader driven through Python file callbacks, then torch's
 pure-Python weights-only unpickler): ~25 ms of each rank's CPU in a warm 4-rank load at 128 MB (268 items).
-Such an item is a zip archive of stored (uncompressed) records: `data.pkl`, a pickle that calls torch._utils._rebuild_tensor_v2 (v3 for dtypes
-without a legacy storage class) on one storage, and `data/<key>`, that storage's bytes. `tensor_view` finds the
-records through the zip's central directory (struct), checks data.pkl's opcodes and unpickles it with the C
-unpickler resolving only the few names such a pickle holds (the rebuild functions resolve to recorders here,
-never to torch's code; once per distinct pickle, as a model repeats few shapes), and returns torch.frombuffer
-over data/<key> with the recorded dtype, size, stride and storage offset.
+Such an item is a zip archive of stored (uncompressed) records: `data.pkl`, a pickle that calls
+torch._utils._rebuild_tensor_v2 (v3 for dtypes without a legacy storage class) on one storage, and
+`data/<key>`, that storage's bytes. `tensor_view` finds the records through the zip's central directory
+(struct), checks data.pkl's opcodes and unpickles it with the C unpickler resolving only the few names such a
+pickle holds (the rebuild functions resolve to recorders here, never to torch's code; once per distinct
+pickle, as a model repeats few shapes), and returns torch.frombuffer over data/<key> with the recorded dtype,
+size, stride and storage offset.
 
 Anything else returns None and the caller uses torch.load (weights_only): compressed or zip64 records, a
 big-endian archive, other opcodes, globals or persistent ids, backward hooks, sizes that do not add up. Where

@@ -82,3 +82,15 @@ def test_a_side_file_one_rank_finds_damaged_makes_every_rank_fall_back_before_re
         assert re.search(rf"Skipping checkpoint {re.escape(str(out / 'run' / 'step_2'))}: {case} content hash "
                          r"mismatch \(xxh3_64 of the file is", log), (case, log[-3000:])
         assert_same(torch.load(out / "ref_step_1.pt"), torch.load(out / f"restored_{case}.pt"))
+
+
+def test_live_objects_that_do_not_fit_on_one_rank_raise_the_same_error_on_every_rank(resumed):
+    """Only the last rank's state names a key the checkpoint lacks: its CheckpointMismatchError reaches every rank
+    through DCP's plan exchange. Before, that rank raised alone: the others waited in a collective until it exited
+    and then raised gloo's "Connection reset by peer" (or waited out the process group's timeout)."""
+    world, out, reports, log = resumed
+    for rank, report in enumerate(reports):
+        got = report["mismatch"]
+        assert got["error"] == "CheckpointMismatchError", (rank, got)
+        assert got["message"] == ("checkpoint does not match the live objects:\n  top-level keys missing from "
+                                  "checkpoint: ema (it holds: model, optimizer)"), (rank, got)
