@@ -94,7 +94,7 @@ def load(store: Storage, template: dict[str, Any], state_dir: str, group, expect
         refusal.refused_before_reading = True  # travels with it (an exception pickles its __dict__)
     try:
         with _quiet_single_process():
-            dcp.load(template, storage_reader=reader, planner=SafeLoadPlanner(reader, refusal),
+            dcp.load(template, storage_reader=reader, planner=SafeLoadPlanner(reader),
                      process_group=group, no_dist=not is_distributed())
     except CheckpointException as e:  # DCP wraps every rank's error; a refusal is ours to report as is
         for exc, _ in e.failures.values():
@@ -259,13 +259,13 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     values (numbers, strings, bytes, None, lists, tuples, dicts, sets) plus what the application allowed
     with torch.serialization.add_safe_globals."""
 
-    def __init__(self, reader, refusal: Exception | None = None, *args: Any, **kwargs: Any):
+    def __init__(self, reader, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._reader, self._refused = reader, refusal
+        self._reader = reader
 
     def create_local_plan(self):
-        if self._refused is not None:  # DCP gathers it to every rank (load's docstring)
-            raise self._refused
+        if self._reader.refusal is not None:  # DCP gathers it to every rank (load's docstring)
+            raise self._reader.refusal
         return super().create_local_plan()
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:

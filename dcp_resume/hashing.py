@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 import xxhash
 
 from .storage import Storage
+from .untrusted import is_count
 
 HASH_THREADS = max(2, min(8, os.cpu_count() or 1))  # files one process hashes at once
 RECORDED = "xxh3_64"  # xxhash's XXH3, 64 bit, hex digest: faster than disks read, so hashing is not the bottleneck
@@ -128,7 +129,7 @@ def recorded_items(entry: Any) -> tuple[str, dict[tuple[int, int], str]] | None:
             return None
         out = {}
         for row in rows:
-            if not (isinstance(row, list) and len(row) == 3 and all(_is_count(v) for v in row[:2])
+            if not (isinstance(row, list) and len(row) == 3 and all(map(is_count, row[:2]))
                     and isinstance(row[2], str)):
                 return None
             out[(row[0], row[1])] = row[2]
@@ -136,8 +137,6 @@ def recorded_items(entry: Any) -> tuple[str, dict[tuple[int, int], str]] | None:
     return None
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def unknown_keys(entry: Any) -> list[str]:

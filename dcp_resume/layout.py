@@ -12,6 +12,7 @@ import torch
 
 from . import __version__
 from .storage import Storage
+from .untrusted import is_count
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -48,9 +49,9 @@ def _timestamp_key(ts: Any) -> float:
         return float("-inf")
 
 
-def _is_count(value: Any, least: int) -> bool:
+def _is_bounded_count(value: Any, least: int) -> bool:
     """A JSON integer (not a bool, not a float such as 1e400) in [least, MAX_STEP]."""
-    return isinstance(value, int) and not isinstance(value, bool) and least <= value <= MAX_STEP
+    return is_count(value) and least <= value <= MAX_STEP
 
 
 @dataclass
@@ -70,7 +71,7 @@ class CheckpointInfo:
     @property
     def step(self) -> int:
         step = self.meta.get("step")
-        return step if _is_count(step, 0) else -1
+        return step if _is_bounded_count(step, 0) else -1
 
     @property
     def order(self) -> tuple[int, float]:
@@ -82,7 +83,7 @@ def listed_bytes(files: Any) -> int:
     """The sizes metadata.json records for its files, summed (entries without an integer size count 0)."""
     if not isinstance(files, dict):
         return 0
-    return sum(i["size"] for i in files.values() if isinstance(i, dict) and _is_count(i.get("size"), 0))
+    return sum(i["size"] for i in files.values() if isinstance(i, dict) and _is_bounded_count(i.get("size"), 0))
 
 
 def _safe_relpath(rel: str) -> bool:
@@ -117,7 +118,7 @@ def _judge(store: Storage, path: str, present: dict[str, int] | None) -> tuple[b
     if lacking:
         return False, f"metadata.json lacks {', '.join(lacking)}", meta
     for key, least in (("step", 0), ("epoch", 0), ("world_size", 1)):
-        if not _is_count(meta[key], least):
+        if not _is_bounded_count(meta[key], least):
             return False, f"metadata.json {key} is {json.dumps(meta[key])[:40]}, not an integer >= {least}", meta
     files = meta["files"]
     if not isinstance(files, dict) or not files:

@@ -25,13 +25,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-
-def _is_dims(value: Any) -> bool:
-    return isinstance(value, (tuple, list)) and all(map(_is_count, value))
-
-
-def _is_count(value: Any) -> bool:
-    return type(value) is int and value >= 0  # not bool (a subclass), not a float
+from .untrusted import is_count, is_dims
 
 
 def _storage_problem(index: Any, info: Any) -> str | None:
@@ -42,7 +36,7 @@ def _storage_problem(index: Any, info: Any) -> str | None:
         return f"item {index.fqn!r} names its file as {rel!r}, not a file name"
     if "/" in rel or "\\" in rel or rel in (".", "..") or "\0" in rel:
         return f"item {index.fqn!r} is stored in {rel!r}, outside state/ (DCP names its shards inside it)"
-    if not (_is_count(getattr(info, "offset", None)) and _is_count(getattr(info, "length", None))):
+    if not (is_count(getattr(info, "offset", None)) and is_count(getattr(info, "length", None))):
         return f"item {index.fqn!r} has offset {getattr(info, 'offset', None)!r} and length " \
                f"{getattr(info, 'length', None)!r}; both must be integers >= 0"
     return None
@@ -52,7 +46,7 @@ def _tensor_problem(fqn: str, md: TensorStorageMetadata, stored_length: dict) ->
     dtype = getattr(getattr(md, "properties", None), "dtype", None)
     if not isinstance(dtype, torch.dtype):
         return f"tensor {fqn!r} has dtype {dtype!r}, not a torch dtype"
-    if not _is_dims(md.size):
+    if not is_dims(md.size):
         return f"tensor {fqn!r} has size {md.size!r}, not a list of integers >= 0"
     chunks = md.chunks
     if not isinstance(chunks, list) or not all(isinstance(c, ChunkStorageMetadata) for c in chunks):
@@ -60,7 +54,7 @@ def _tensor_problem(fqn: str, md: TensorStorageMetadata, stored_length: dict) ->
     covered, dims = 0, len(md.size)
     for chunk in chunks:
         offsets, sizes = chunk.offsets, chunk.sizes
-        if not (_is_dims(offsets) and _is_dims(sizes) and len(offsets) == len(sizes) == dims
+        if not (is_dims(offsets) and is_dims(sizes) and len(offsets) == len(sizes) == dims
                 and all(o + s <= d for o, s, d in zip(offsets, sizes, md.size))):
             return f"tensor {fqn!r} of size {list(md.size)} has a chunk at {offsets!r} of size " \
                    f"{sizes!r} that does not fit in it"

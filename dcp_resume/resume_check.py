@@ -98,14 +98,14 @@ def shares(files: dict, whole: list[str], world: int) -> list[list[str]]:
     return out
 
 
-def _hash_share(store: Storage, info: CheckpointInfo, share: list[str]) -> tuple[tuple[str, str] | None, int]:
+def _hash_share(store: Storage, info: CheckpointInfo, share: list[str]) -> tuple[str | None, int]:
+    """(what is wrong with the files of `share`, or None; bytes hashed)."""
     files = info.meta.get("files") or {}
     try:
-        text, read = integrity.hash_problem(store, info.path, {rel: files[rel] for rel in share}, note=False)
+        return integrity.hash_problem(store, info.path, {rel: files[rel] for rel in share}, note=False)
     except OSError as e:
         where = os.path.relpath(e.filename, info.path) if isinstance(e.filename, str) else "a listed file"
-        return ("corrupt", f"{where} unreadable ({e.strerror or e})"), 0
-    return (None if text is None else ("corrupt", text)), read
+        return f"{where} unreadable ({e.strerror or e})", 0
 
 
 def share_and_prepare(store: Storage, info: CheckpointInfo, rank: int, world: int, stats: LoadStats,
@@ -124,7 +124,7 @@ def share_and_prepare(store: Storage, info: CheckpointInfo, rank: int, world: in
     stats.hashed_bytes += read
     stats.verify_s += time.perf_counter() - t0
     if problem is not None:
-        return expected, None, integrity.corrupt(info.path, "hash", problem[1])
+        return expected, None, integrity.corrupt(info.path, "hash", problem)
     t1 = time.perf_counter()
     try:
         return expected, prepare(expected), None

@@ -27,6 +27,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .untrusted import is_count, is_dims
+
 # The zip structures read (APPNOTE.TXT 4.3): local file header, central directory entry, end of central directory.
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # ..., name length, extra length (torch pads data with the extra)
 _LOCAL_SIGNATURE = 0x04034B50
@@ -117,17 +119,9 @@ class _Unpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageKind)
-                and isinstance(pid[2], str) and pid[3] == "cpu" and _is_count(pid[4])):
+                and isinstance(pid[2], str) and pid[3] == "cpu" and is_count(pid[4])):
             raise _NotPlain
         return _Storage(pid[2], pid[1].dtype, pid[4])
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _is_dims(value: Any) -> bool:
-    return isinstance(value, tuple) and all(_is_count(d) for d in value)
 
 
 def _records(data: memoryview) -> dict[str, tuple[int, int]]:
@@ -167,8 +161,8 @@ def _plan(pickled: bytes) -> _Rebuild:
     if len(pickled) > _PICKLE_LIMIT or any(op.name not in _OPCODES for op, _, _ in pickletools.genops(pickled)):
         raise _NotPlain
     plan = _Unpickler(io.BytesIO(pickled)).load()
-    if not isinstance(plan, _Rebuild) or not (_is_count(plan.offset) and _is_dims(plan.size)
-                                              and _is_dims(plan.stride) and len(plan.size) == len(plan.stride)):
+    if not isinstance(plan, _Rebuild) or not (is_count(plan.offset) and is_dims(plan.size, tuple)
+                                              and is_dims(plan.stride, tuple) and len(plan.size) == len(plan.stride)):
         raise _NotPlain
     if len(_plans) >= _PLANS_KEPT:
         _plans.clear()

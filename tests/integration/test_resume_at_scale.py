@@ -30,17 +30,22 @@ def _files(out):
     return json.load(open(out / "run" / "step_2" / "metadata.json"))["files"]
 
 
+def _assert_every_rank_fell_back(out, reports, log, case: str, mismatch: str):
+    """With `case` (a file of step_2) damaged, every rank loaded step_1 bit for bit, skipping step_2, and the log
+    names the file and `mismatch` (a regex: what the hash was taken over)."""
+    for rank, report in enumerate(reports):
+        got = report[case]
+        assert got["loaded"] == str(out / "run" / "step_1"), (case, rank)
+        assert got["stats"]["skipped"] == [str(out / "run" / "step_2")], (case, rank)
+    assert re.search(rf"Skipping checkpoint {re.escape(str(out / 'run' / 'step_2'))}: {case} content hash "
+                     rf"mismatch {mismatch}", log), (case, log[-3000:])
+    assert_same(torch.load(out / "ref_step_1.pt"), torch.load(out / f"restored_{case.rpartition('/')[2]}.pt"))
+
+
 def test_a_flipped_byte_in_any_shard_makes_every_rank_fall_back_together(resumed):
     world, out, reports, log = resumed
     for r in range(world):
-        case = f"__{r}_0.distcp"
-        for rank, report in enumerate(reports):
-            got = report[f"state/{case}"]
-            assert got["loaded"] == str(out / "run" / "step_1"), (case, rank)
-            assert got["stats"]["skipped"] == [str(out / "run" / "step_2")], (case, rank)
-        assert re.search(rf"Skipping checkpoint {re.escape(str(out / 'run' / 'step_2'))}: state/{case} content hash "
-                         r"mismatch in bytes \d+\.\.\d+", log), (case, log[-3000:])
-        assert_same(torch.load(out / "ref_step_1.pt"), torch.load(out / f"restored_{case}.pt"))
+        _assert_every_rank_fell_back(out, reports, log, f"state/__{r}_0.distcp", r"in bytes \d+\.\.\d+")
 
 
 def test_a_clean_resume_has_each_rank_verify_about_its_share(resumed):
@@ -75,13 +80,7 @@ def test_a_side_file_one_rank_finds_damaged_makes_every_rank_fall_back_before_re
     owners = {rel: r for r, share in enumerate(resume_check.shares(files, whole, world)) for rel in share}
     assert {owners["config.json"], owners["training_stats.json"]} == {0, 1}  # one of them is not the coordinator
     for case in ("config.json", "training_stats.json"):
-        for rank, report in enumerate(reports):
-            got = report[case]
-            assert got["loaded"] == str(out / "run" / "step_1"), (case, rank)
-            assert got["stats"]["skipped"] == [str(out / "run" / "step_2")], (case, rank)
-        assert re.search(rf"Skipping checkpoint {re.escape(str(out / 'run' / 'step_2'))}: {case} content hash "
-                         r"mismatch \(xxh3_64 of the file is", log), (case, log[-3000:])
-        assert_same(torch.load(out / "ref_step_1.pt"), torch.load(out / f"restored_{case}.pt"))
+        _assert_every_rank_fell_back(out, reports, log, case, r"\(xxh3_64 of the file is")
 
 
 def test_live_objects_that_do_not_fit_on_one_rank_raise_the_same_error_on_every_rank(resumed):
