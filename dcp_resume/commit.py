@@ -1,14 +1,15 @@
 """The commit protocol, top to bottom: how one checkpoint goes from live state to a committed directory.
 
 1. prepare (rank 0): refuse to overwrite a committed checkpoint (a final save at its step relabels it
-   instead), never write through a symlink, drop a damaged or incomplete directory at the target, check free
-   space, make `state/`.
+   instead), never write through a symlink, drop an interrupted save at the target (a damaged checkpoint only
+   when the run resumed from a verified one), check free space, make `state/`.
 2. write (every rank): DCP writes this rank's shards into `state/`; each rank reports the sizes and content
-   hashes of the files it wrote to rank 0.
-3. commit (rank 0): side files (config.json, training_stats.json, artifacts), fsync `state/`, then
-   metadata.json by temp file + fsync + rename, then fsync save_dir. The checkpoint exists from that rename
-   on, never before: a crash at any earlier point leaves a directory without metadata.json, which no reader
-   loads and the next save removes.
+   hashes of the files it wrote to rank 0, with its rank and host.
+3. commit (rank 0): check that every reported file is there with its size (a save_dir that is not one
+   filesystem for every node fails here), side files (config.json, training_stats.json, artifacts), fsync
+   `state/`, check that this job still holds the save_dir lock, then metadata.json by temp file + fsync +
+   rename, then fsync save_dir. The checkpoint exists from that rename on, never before: a crash at any
+   earlier point leaves a directory without metadata.json, which no reader loads and the next save removes.
 4. on failure: every rank raises one CheckpointSaveError naming the step and the cause (a full disk, a rank
    that died or hung); rank 0 removes the uncommitted directory at once. Older checkpoints are never touched.
 
@@ -18,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from typing import Callable
 
 from torch.distributed.checkpoint import CheckpointException
 
 from . import artifacts as artifacts_mod
-from . import dcp_io, disk_guard, hashing, incremental, integrity, layout
+from . import dcp_io, disk_guard, hashing, incremental, integrity, layout, savedir_lock
 from .distributed import CommitGroup, first_line, peer_failure, rank, world_size
 from .errors import CheckpointExistsError, CheckpointSaveError
 from .logs import logger
@@ -33,15 +35,16 @@ WRITE, SKIP, RELABEL = "write", "skip", "relabel"  # what prepare() decided
 
 
 def prepare(store: Storage, path: str, kind: str, *, save_dir: str, last_bytes: int | None, low_disk_policy: str,
-            before_first_write: Callable[[], None]) -> str:
+            resumed: bool, before_first_write: Callable[[], None]) -> str:
     """Rank 0, lock held: WRITE (state/ made), SKIP (a periodic save skipped for lack of disk space) or
     RELABEL (a final save at the step of a committed checkpoint, which then becomes the final one).
+    A damaged checkpoint at the target is replaced only by a run that `resumed` from a verified one.
     `before_first_write` runs once the target is known not to be a committed checkpoint."""
     if store.is_link(path):  # never write a checkpoint through a link (it may point outside save_dir)
         logger.warning("Removing the symlink %s (it is not a checkpoint; its target is left alone)", path)
         store.remove_file(path)
     info = layout.inspect_dir(store, path)
-    damage = integrity.problem(store, info) if info.complete else None
+    damage = integrity.problem(store, info) if info.committed else None
     if info.complete and damage is None:
         if kind == "final":
             return RELABEL
@@ -49,6 +52,11 @@ def prepare(store: Storage, path: str, kind: str, *, save_dir: str, last_bytes: 
             f"{path} already holds a committed checkpoint (step {info.step}, kind "
             f"{info.meta.get('kind')}); refusing to overwrite it. Save this step once (a final save at "
             "its step marks it final), or use a new save_dir")
+    if damage is not None and not resumed:
+        raise CheckpointExistsError(
+            f"{path} holds a damaged checkpoint ({damage}); a run replaces a damaged checkpoint only after it "
+            "resumed from a verified one. Resume first (--auto_resume, or load_checkpoint()), or save to a new "
+            "save_dir")
     before_first_write()
     if damage is not None:
         logger.warning("Replacing checkpoint %s, which fails verification: %s", path, damage)
@@ -89,7 +97,7 @@ def write_and_commit(store: Storage, payload: dict, extras: dict, path: str, com
                     for n in dcp_io.shard_files_of_rank(store, state_dir, rank())}
             if rank() == 0:
                 mine.update(linked)
-            reported = group.gather(mine)
+            reported = group.gather({"rank": rank(), "host": socket.gethostname(), "files": mine})
         with failures_named(f"commit of step {step} to {path}", store, save_dir, group.timeout_s):
             return group.run_on_rank0(lambda: _commit(store, path, reported, save_dir=save_dir, extras=extras,
                                                       **commit))
@@ -108,10 +116,12 @@ def write_and_commit(store: Storage, payload: dict, extras: dict, path: str, com
 
 def _commit(store: Storage, path: str, reported: list[dict], *, save_dir: str, step, epoch, kind, is_best, metrics,
             best_metric, config, training_stats, extras, fingerprints=None) -> int:
-    """Rank 0, after every rank wrote its shards: side files, then metadata.json last."""
+    """Rank 0, after every rank wrote its shards: check it sees them, side files, then metadata.json last, if
+    this job still holds save_dir's lock."""
+    _check_visible(store, path, reported, save_dir=save_dir, step=step)
     files: dict[str, dict] = {}
-    for rank_files in reported:
-        files.update(rank_files)
+    for report in reported:
+        files.update(report["files"])
     side = {layout.CONFIG_FILE: config, layout.STATS_FILE: training_stats}
     for name, obj in side.items():
         store.write_json_durably(os.path.join(path, name), obj)
@@ -126,12 +136,30 @@ def _commit(store: Storage, path: str, reported: list[dict], *, save_dir: str, s
         raise CheckpointSaveError(f"save of step {step} left files no rank reported ({unlisted}) or no "
                                   f"DCP .metadata in {path}/state; not committing it")
     store.sync_dir(os.path.join(path, layout.STATE_DIR))
+    lost = savedir_lock.lost(store, save_dir)
+    if lost is not None:
+        raise CheckpointSaveError(f"not committing step {step} to {path}: {lost}")
     meta = layout.build_metadata(step=step, epoch=epoch, kind=kind, world_size=world_size(),
                                  is_best=is_best, metrics=metrics, best_metric=best_metric, files=files,
                                  fingerprints=fingerprints)
     store.commit_json_atomically(os.path.join(path, layout.METADATA_FILE), meta)
     store.sync_dir(save_dir)
     return sum(info["size"] for info in files.values())
+
+
+def _check_visible(store: Storage, path: str, reported: list[dict], *, save_dir: str, step) -> None:
+    """Rank 0 commits only files it can see with the size their rank wrote: on a save_dir each node has its
+    own copy of (node-local disk), metadata.json would list other nodes' shards that no resume finds here."""
+    seen = store.file_sizes(path) or {}
+    for report in reported:
+        for rel, info in report["files"].items():
+            if seen.get(rel) != info["size"]:
+                what = "missing" if rel not in seen else f"{seen[rel]} bytes, not the {info['size']} written"
+                raise CheckpointSaveError(
+                    f"save of step {step} not committed: {os.path.join(path, rel)}, written by rank "
+                    f"{report['rank']} on host {report['host']}, is {what} on rank 0's host "
+                    f"{socket.gethostname()}, so not every rank writes to the same save_dir {save_dir}. save_dir "
+                    "must be a filesystem every node mounts (or an object store such as s3://)")
 
 
 def relabel_as_final(store: Storage, path: str, extras: dict, commit: dict, save_dir: str) -> None:

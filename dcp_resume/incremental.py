@@ -1,12 +1,11 @@
-"""Checkpoints that cost only what changed: a tensor whose bytes match save_dir's previous checkpoint is not
-written again. The new checkpoint links the previous one's shard file that holds those bytes (a hard link
-locally, a server-side copy on an object store) and its DCP index points there, so every checkpoint stays a
-complete directory that plain DCP reads, that copies elsewhere on its own, and that retention can delete
-without touching the bytes other checkpoints share.
+"""Checkpoints that cost only what changed: a tensor whose bytes match an earlier checkpoint of save_dir (the
+base: link_source.py says which, and which of its files may be linked) is not written again. The new checkpoint
+links the base's shard file that holds those bytes (a hard link locally, a server-side copy on an object store)
+and its DCP index points there, so every checkpoint stays a complete directory that plain DCP reads, that copies
+elsewhere on its own, and that retention can delete without touching the bytes other checkpoints share.
 
 Decided by content, per flattened state key (`model.lm_llama.model.layers.0.mlp.up_proj.weight`): every rank
-fingerprints its chunk of every tensor and compares it with the fingerprint the previous checkpoint recorded
-for that chunk; a key is reused only when every rank holding it matched. A frozen tensor edited in place
+fingerprints its chunk of every tensor and compares it with the fingerprint the base recorded for that chunk; a key is reused only when every rank holding it matched. A frozen tensor edited in place
 fails the comparison and is written anew, whatever its requires_grad. Fingerprints are xxh3_64 of the bytes
 for CPU tensors and a weighted 128-bit integer sum computed on the device for others (nothing is copied to
 the host to decide); each records its algorithm, dtype and shape, and only equal strings match.
@@ -30,6 +29,15 @@ FINGERPRINTS = "fingerprints"  # metadata.json: "<key>@<chunk offsets>" -> "<alg
 LINK_PREFIX = "ref."  # state/ref.<checkpoint>.<file>: a shard file of an earlier checkpoint, linked
 _WORDS = 1 << 24  # int64 words per step of the device fingerprint (128 MiB): bounds its scratch memory
 _M1, _M2 = -7046029254386353131, -4658895280553007687  # odd 64-bit multipliers (as signed int64)
+
+
+@dataclasses.dataclass
+class Source:
+    """A checkpoint a save may link from (link_source.choose): its path and the fingerprints of the chunks it may
+    link, "<key>@<chunk offsets>" -> fingerprint."""
+
+    path: str
+    fingerprints: dict[str, str]
 
 
 @dataclasses.dataclass
@@ -78,14 +86,13 @@ def _device_digest(flat: torch.Tensor) -> str:
     return "".join(f"{int(s) & (2**64 - 1):016x}" for s in sums)
 
 
-def plan(flat: dict[str, torch.Tensor], base: layout.CheckpointInfo | None, group: CommitGroup) -> Reuse:
-    """Collective: which keys of `flat` (reusable(): this save's tensor leaves) are unchanged since `base`
+def plan(flat: dict[str, torch.Tensor], source: Source | None, group: CommitGroup) -> Reuse:
+    """Collective: which keys of `flat` (reusable(): this save's tensor leaves) are unchanged since `source`
     (rank 0's choice; None: write everything) on every rank that holds them."""
     keys = {fqn: chunk_key(fqn, t) for fqn, t in flat.items()}
     mine = {keys[fqn]: fingerprint(t) for fqn, t in flat.items()}
-    shared = group.broadcast(None if base is None else (base.path, base.meta.get(FINGERPRINTS)))
-    base_path, recorded = shared if shared is not None else (None, None)
-    recorded = recorded if isinstance(recorded, dict) else {}
+    shared = group.broadcast(None if source is None else (source.path, source.fingerprints))
+    base_path, recorded = shared if shared is not None else (None, {})
     unchanged = {fqn for fqn, key in keys.items() if recorded.get(key) == mine[key]}
     changed = keys.keys() - unchanged
     everyone = group.all_gather((mine, unchanged, changed))

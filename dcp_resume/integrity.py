@@ -27,6 +27,7 @@ from .logs import logger
 from .storage import Storage
 
 _verified: dict[tuple, tuple[str, str] | None] = {}  # (realpath, stat signature) -> None or (kind, problem)
+_suspect: set = set()  # store.file_identity of every file of a checkpoint found damaged: never linked from
 
 
 def _signature(store: Storage, path: str, files: dict[str, Any]) -> tuple | None:
@@ -111,6 +112,8 @@ def _problem(store: Storage, info: CheckpointInfo) -> tuple[str, str] | None:
         return "hash", f"{where} unreadable ({e.strerror or e})"
     if key is not None:
         _verified[key] = found
+    if found is not None:
+        _suspect_files_of(store, info)
     return found
 
 
@@ -119,6 +122,25 @@ def remember(store: Storage, info: CheckpointInfo, text: str) -> None:
     key = _signature(store, info.path, info.meta.get("files") or {})
     if key is not None:
         _verified[key] = ("hash", text)
+    _suspect_files_of(store, info)
+
+
+def _suspect_files_of(store: Storage, info: CheckpointInfo) -> None:
+    """Every file of a damaged checkpoint becomes suspect, whichever held the damage: a later save then writes
+    anew what it would have linked from another checkpoint sharing one of them (the same inode)."""
+    for rel in info.on_disk:
+        try:
+            _suspect.add(store.file_identity(os.path.join(info.path, rel)))
+        except OSError:
+            continue
+
+
+def suspect(store: Storage, path: str) -> bool:
+    """Whether the file at `path` is (the same file as) one of a checkpoint this process found damaged."""
+    try:
+        return store.file_identity(path) in _suspect
+    except OSError:
+        return True
 
 
 def known_problem(store: Storage, info: CheckpointInfo) -> str | None:
@@ -202,6 +224,31 @@ def latest_candidate(store: Storage, save_dir: str, infos: list[CheckpointInfo] 
             return info
         logger.warning("Skipping checkpoint %s: %s", info.path, found)
     return None
+
+
+def all_damaged(store: Storage, save_dir: str, infos: list[CheckpointInfo] | None = None) -> str | None:
+    """When save_dir holds committed checkpoints and none of them verifies: each, newest first, with its first
+    problem ('step_4 (listed file missing: state/__1_0.distcp); step_2 (...)'; cached: the resume that tried it,
+    or the hash check that runs now). None when it holds no committed checkpoint, or one that verifies."""
+    infos = list_checkpoints(store, save_dir) if infos is None else infos
+    found = []
+    for info in sorted((i for i in infos if i.committed), key=lambda i: (i.position, i.order), reverse=True):
+        text = problem(store, info)
+        if text is None:
+            return None
+        found.append(f"{info.name} ({text})")
+    return "; ".join(found) or None
+
+
+def none_loads(store: Storage, save_dir: str, infos: list[CheckpointInfo] | None = None) -> str | None:
+    """The refusal for a run that would start over in a save_dir whose committed checkpoints are all damaged
+    (all_damaged), with the ways out; None when there is nothing to refuse."""
+    each = all_damaged(store, save_dir, infos)
+    if each is None:
+        return None
+    return (f"save_dir {save_dir} holds committed checkpoints and none of them loads: {each}. Nothing in it was "
+            "changed. Resume from a checkpoint elsewhere (--resume_from PATH), train into a new --save_dir, or "
+            f"see every damaged file with `dcp-resume verify {save_dir}`")
 
 
 def latest_verified(store: Storage, save_dir: str, infos: list[CheckpointInfo] | None = None

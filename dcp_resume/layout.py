@@ -69,6 +69,21 @@ class CheckpointInfo:
         return os.path.basename(self.path.rstrip("/"))
 
     @property
+    def committed(self) -> bool:
+        """metadata.json is there (in some form): a checkpoint that existed. One that is not complete is damaged,
+        never an interrupted save: not loaded, and not removed unless a newer complete one exists."""
+        return self.complete or self.reason not in (NO_COMMIT, NO_DIR)
+
+    @property
+    def position(self) -> int:
+        """Its step for ordering, even when metadata.json is damaged: the recorded step, else the one in a
+        step_<N> name, else -1 (unknown)."""
+        if "step" in self.meta:
+            return self.step
+        match = re.match(r"step_(\d+)$", self.name)
+        return int(match.group(1)) if match else -1
+
+    @property
     def step(self) -> int:
         step = self.meta.get("step")
         return step if _is_bounded_count(step, 0) else -1
@@ -137,9 +152,7 @@ def _judge(store: Storage, path: str, present: dict[str, int] | None) -> tuple[b
 def by_position(infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
     """By step (ties: timestamp); an uncommitted directory by the step in its name (step_600), else first."""
     def key(info: CheckpointInfo) -> tuple:
-        match = re.match(r"step_(\d+)$", info.name)
-        step = info.step if "step" in info.meta else int(match.group(1)) if match else -1
-        return (step, info.order[1], info.name)
+        return (info.position, info.order[1], info.name)
 
     return sorted(infos, key=key)
 

@@ -17,15 +17,16 @@ from . import (
     incremental,
     integrity,
     layout,
+    link_source,
     live_state,
     per_rank,
     resume_check,
     run_start,
     savedir_lock,
-    verification,
 )
 from .distributed import CommitGroup, rank, world_size
 from .errors import (
+    CheckpointExistsError,
     CheckpointNotFoundError,
     CheckpointSaveError,
     CorruptCheckpointError,
@@ -73,7 +74,7 @@ class CheckpointManager:
                  options: CheckpointOptions | None = None, **keywords: Any):
         """The established keywords (and every other field of CheckpointOptions: config, keep_best,
         collective_timeout_s, preemption_signals, async_save, on_commit, low_disk_policy, storage_options,
-        lock_wait_s, incremental), or `options` made elsewhere."""
+        lock_wait_s, lock_lease_s, incremental), or `options` made elsewhere."""
         if save_dir is None or str(save_dir) == "":
             raise ValueError("save_dir is empty; pass the directory that holds (or will hold) checkpoints")
         if options is None:
@@ -269,9 +270,9 @@ class CheckpointManager:
                     lambda: integrity.latest_candidate(self._store_of(where), where, below=below))
                 stats.discovery_s += time.perf_counter() - t1
                 if info is None:
-                    raise CheckpointNotFoundError(
-                        f"No checkpoint found to resume in {where}: every complete checkpoint fails verification "
-                        f"(the last: {e})") from None
+                    text = self._group.run_on_rank0(lambda: integrity.none_loads(self._store_of(where), where))
+                    raise CheckpointNotFoundError(text or f"No checkpoint found to resume in {where}: every "
+                                                  f"complete checkpoint fails verification (the last: {e})") from None
         stats.path, stats.checkpoint_bytes = info.path, layout.listed_bytes(info.meta.get("files"))
         self.loaded_metadata = info.meta
         self.loaded_path = info.path
@@ -368,26 +369,23 @@ class CheckpointManager:
                 self.on_commit(path)
 
     def _plan_reuse(self, payload: dict, path: str) -> incremental.Reuse:
-        """Collective: the tensors this save takes from save_dir's newest complete checkpoint (not `path`)."""
+        """Collective: the tensors this save links from an earlier checkpoint (link_source.py says which)."""
         if not self.options.incremental:
             return incremental.Reuse()
-        base = None
-        if rank() == 0:
-            done = [i for i in layout.list_checkpoints(self.storage, self.save_dir) if i.complete and i.path != path]
-            base = max(done, key=lambda i: i.order, default=None)
-            problem = None if base is None else verification.dcp_problem(self.storage, base)
-            if problem is not None:  # its DCP index does not match its files: link nothing from it
-                logger.warning("Writing every tensor of %s: the previous checkpoint %s fails a check (%s)", path,
-                               base.path, problem)
-                base = None
-        return incremental.plan(incremental.reusable(payload), base, self._group)
+        source = link_source.choose(self.storage, self.save_dir, path, self.keep_last_n) if rank() == 0 else None
+        return incremental.plan(incremental.reusable(payload), source, self._group)
 
     def _failures_named(self, what: str):
         return commit.failures_named(what, self.storage, self.save_dir, self._group.timeout_s)
 
     def _prepare_target(self, path: str, kind: str) -> str:
-        """Rank 0, before a save: the lock, then commit.prepare (leftover incomplete directories are cleaned
-        once, before this manager's first write)."""
+        """Rank 0, before a save: the lock, then commit.prepare. Once, before this manager's first write: a
+        manager that did not resume refuses to start over in a save_dir whose checkpoints are all damaged
+        (integrity.none_loads), and interrupted saves are cleaned."""
+        if not self._cleaned_at_start and self.loaded_path is None:  # start_run refused this already, if called
+            refusal = integrity.none_loads(self.storage, self.save_dir)
+            if refusal is not None:  # never start over beside damaged checkpoints: read only, not even the lock
+                raise CheckpointExistsError(refusal)
         self._take_lock()
 
         def clean_leftovers() -> None:
@@ -395,7 +393,8 @@ class CheckpointManager:
                 self._apply_retention(complete_too=False)
                 self._cleaned_at_start = True
         return commit.prepare(self.storage, path, kind, save_dir=self.save_dir, last_bytes=self._last_bytes,
-                              low_disk_policy=self.low_disk_policy, before_first_write=clean_leftovers)
+                              low_disk_policy=self.low_disk_policy, resumed=self.loaded_path is not None,
+                              before_first_write=clean_leftovers)
 
     def _relabel_as_final(self, path: str, extras: dict, commit_args: dict) -> None:
         commit.relabel_as_final(self.storage, path, extras, commit_args, self.save_dir)
@@ -407,7 +406,8 @@ class CheckpointManager:
         if self._lock is None:
             self.storage.check_writable(self.save_dir)
             self._reachable = True
-            self._lock = savedir_lock.acquire(self.storage, self.save_dir, owner=self, wait_s=self.lock_wait_s)
+            self._lock = savedir_lock.acquire(self.storage, self.save_dir, owner=self, wait_s=self.lock_wait_s,
+                                              lease_s=self.options.lock_lease_s)
 
     def _check_reachable(self) -> None:
         """Once: a missing bucket or a dead endpoint is one StorageError naming the URL, not a listing error."""
@@ -429,7 +429,7 @@ class CheckpointManager:
     def _apply_retention(self, complete_too: bool = True, protect: str | None = None) -> None:
         infos = layout.list_checkpoints(self.storage, self.save_dir)
         for info in plan_removals(infos, self.keep_last_n if complete_too else None, self.keep_best, protect):
-            why = "retention" if info.complete else f"incomplete: {info.reason}"
+            why = "retention" if info.complete else f"{'damaged' if info.committed else 'incomplete'}: {info.reason}"
             logger.info("Removing checkpoint %s (%s)", info.path, why)
             self.storage.remove_tree(info.path)
 

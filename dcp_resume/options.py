@@ -42,9 +42,14 @@ class CheckpointOptions:
     """fsspec options for a URL save_dir (endpoint, credentials); never written to any checkpoint."""
     lock_wait_s: float = 30.0
     """How long a live holder of the save_dir lock (e.g. `dcp-resume prune`) is waited for."""
+    lock_lease_s: float = 60.0
+    """The save_dir lock's lease: the holder renews it every lock_lease_s/4, and a job on another host takes it
+    over once it goes unrenewed this long (+2 s; savedir_lock.py). Keep it well below collective_timeout_s: the
+    other ranks wait while rank 0 watches a lease."""
     incremental: bool = True
-    """Tensors whose bytes match save_dir's previous checkpoint (frozen weights, buffers) are linked from it,
-    not staged nor written again (incremental.py). False: every save writes everything."""
+    """Tensors whose bytes match an earlier checkpoint (frozen weights, buffers) are linked from it, not staged nor
+    written again (incremental.py; from the checkpoint before the newest, so the newest two share no file:
+    link_source.py). False: every save writes everything."""
 
     def __post_init__(self) -> None:
         if self.keep_last_n is not None and (not _is_int(self.keep_last_n) or self.keep_last_n < 1):
@@ -59,6 +64,9 @@ class CheckpointOptions:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}={value!r} must be a number of seconds >= 0")
+        lease = self.lock_lease_s
+        if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease < float("inf"):
+            raise ValueError(f"lock_lease_s={lease!r} must be a number of seconds > 0")
         self.config = as_dict(self.config)
 
 

@@ -10,12 +10,18 @@ from .storage import Storage
 
 def check_no_newer(store: Storage, save_dir: str, resume_from: str | None, start: int) -> None:
     """CheckpointExistsError when save_dir holds a verified checkpoint at a higher step than `start`, the step
-    of resume_from (the checkpoint this run starts from; None and 0 for a fresh run). Damaged ones do not
-    count: the run's saves replace them."""
-    ahead = [i for i in layout.list_checkpoints(store, save_dir) if i.complete and i.step > start]
+    of resume_from (the checkpoint this run starts from; None and 0 for a fresh run). Damaged ones newer than
+    resume_from do not count: a run that resumed from a verified checkpoint replaces them. A fresh run is also
+    refused when save_dir holds committed checkpoints none of which loads (integrity.none_loads): damage is
+    never a reason to start over, nor to delete the evidence."""
+    infos = layout.list_checkpoints(store, save_dir)
+    ahead = [i for i in infos if i.complete and i.step > start]
     newest = next((i for i in sorted(ahead, key=lambda i: i.order, reverse=True)
                    if integrity.problem(store, i) is None), None)
     if newest is None:
+        refusal = integrity.none_loads(store, save_dir, infos) if resume_from is None else None
+        if refusal is not None:
+            raise CheckpointExistsError(refusal)
         return
     held = f"save_dir {save_dir} already holds {newest.name} (step {newest.step})"
     if resume_from is None:

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lock_wait_s", type=float, default=30.0,
                    help="how long to wait at start for another holder of the save_dir lock (e.g. `dcp-resume "
                         "prune`) before refusing")
+    c.add_argument("--lock_lease_s", type=float, default=60.0,
+                   help="the save_dir lock's lease: renewed every lock_lease_s/4 while this job runs; a requeued "
+                        "job on other hosts takes the lock over once it goes unrenewed this long")
     c.add_argument("--auto_resume", action="store_true", help="resume from the latest complete checkpoint")
     c.add_argument("--resume_from", metavar="PATH", help="resume from this checkpoint")
     c.add_argument("--no_load_optimizer", action="store_true", help="fresh optimizer state on resume")

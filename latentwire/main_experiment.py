@@ -17,6 +17,10 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from latentwire.extra import require_transformers  # noqa: E402
+
+require_transformers("latentwire/main_experiment.py")  # before anything imports it: one line, not a traceback
+
 import torch  # noqa: E402
 
 from dcp_resume import PREEMPTED_EXIT_CODE, ExperimentCheckpointer, StorageError  # noqa: E402
@@ -86,14 +90,17 @@ class Experiment:
         path = None
         if a.resume or a.resume_from:
             path = a.resume_from or self.ckpt.manager.find_latest_checkpoint()
-        if self.ckpt:  # claim the save_dir before training: refuse a busy one, or one holding newer checkpoints
-            self.ckpt.manager.start_run(path)
+        # Claim the save_dir before training: refuse a busy one, a damaged one, or one holding newer checkpoints.
+        # A resume claims after its load, which only reads: a save_dir none of whose checkpoints loads is left as is.
+        if self.ckpt and path is None:
+            self.ckpt.manager.start_run(None)
         if a.resume or a.resume_from:
             if path is None:
                 print(f"No checkpoint found to resume in {a.save_dir}; starting fresh")
             else:
                 epoch, step, _, _ = self.ckpt.resume_training(self.model, self.opt, self.sched, path,
                                                               extra_state=self._extra())
+                self.ckpt.manager.start_run(self.ckpt.manager.loaded_path)
                 print(f"Resuming from checkpoint: {self.ckpt.manager.loaded_path} (step {step}, epoch {epoch})")
         if epoch < a.epochs:
             print("phase train")
@@ -172,7 +179,7 @@ def main(argv=None) -> int:
         return 2
     try:
         code = exp.run()
-    except (FileExistsError, StorageError) as e:  # a busy save_dir, or one this run would collide with
+    except (FileExistsError, FileNotFoundError, StorageError) as e:  # a busy or damaged save_dir, or a collision
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

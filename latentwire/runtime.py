@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import logging.handlers
 import os
 import sys
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dcp_resume import exact_ddp
+from dcp_resume.storage.local import open_regular_for_writing
 
 
 @dataclass
@@ -57,19 +59,44 @@ def wrap(model: nn.Module, rt: Runtime, fsdp: bool) -> nn.Module:
     return model
 
 
-def setup_logging(log_dir: str | None, rt: Runtime) -> logging.Logger:
-    """Rank 0 logs to stdout and, with a log_dir, appends to <log_dir>/train.log (kept across resumes)."""
+def setup_logging(rt: Runtime) -> logging.Logger:
+    """Rank 0 logs to stdout. Until log_to_file() names the file, what it logs is also held in memory, so that a
+    run refused at start (a busy or damaged save_dir) writes nothing there, not even a log line."""
     log = logging.getLogger("latentwire")
     log.setLevel(logging.INFO if rt.is_main else logging.WARNING)
     log.propagate = False
     if not log.handlers:
-        fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
         out = logging.StreamHandler(sys.stdout)
         out.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(out)
-        if rt.is_main and log_dir is not None:
-            os.makedirs(log_dir, exist_ok=True)
-            f = logging.FileHandler(os.path.join(log_dir, "train.log"), mode="a")
-            f.setFormatter(fmt)
-            log.addHandler(f)
+        if rt.is_main:
+            log.addHandler(logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1))
     return log
+
+
+def log_to_file(log: logging.Logger, log_dir: str | None, save_dir: str | None = None) -> None:
+    """From now on rank 0 also appends to <log_dir>/train.log (kept across resumes), starting with what it
+    logged before (log_dir None: no file, and nothing held any more). The file is opened like a checkpoint's
+    files: never through a symlink, never a FIFO; with `save_dir` (log_dir is its logs/), log_dir must be a real
+    directory inside it. ValueError naming the path otherwise."""
+    held = next((h for h in log.handlers if isinstance(h, logging.handlers.MemoryHandler)), None)
+    if held is None:  # not rank 0, or already logging to a file
+        return
+    if log_dir is None:
+        log.removeHandler(held)
+        return
+    path = os.path.join(log_dir, "train.log")
+    try:
+        if save_dir is not None and os.path.islink(log_dir):
+            raise OSError(f"{log_dir} is a symlink to {os.readlink(log_dir)}; train.log is written only inside "
+                          "save_dir: remove the link, or pass --log_dir")
+        os.makedirs(log_dir, exist_ok=True)
+        stream = open(open_regular_for_writing(path, append=True), "a", encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot log to {path}: {e.strerror or e}") from None
+    f = logging.StreamHandler(stream)
+    f.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    held.setTarget(f)
+    held.flush()
+    log.removeHandler(held)
+    log.addHandler(f)

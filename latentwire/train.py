@@ -12,6 +12,10 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from latentwire.extra import require_transformers  # noqa: E402
+
+require_transformers("latentwire/train.py")  # before anything imports it: one line, not a traceback
+
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -33,7 +37,7 @@ from latentwire.data import collate, load_examples  # noqa: E402
 from latentwire.model import LatentWire, ModelConfig, trainable_state, unwrap  # noqa: E402
 from latentwire.progress import TrainState, checkpoint_after_step  # noqa: E402
 from latentwire.recipe import TINY, align_lr_with_schedule, rank_seed, seed_everything, warmup_cosine  # noqa: E402
-from latentwire.runtime import setup_logging, start, wrap  # noqa: E402
+from latentwire.runtime import log_to_file, setup_logging, start, wrap  # noqa: E402
 
 EVAL_SAMPLES = 32
 
@@ -62,14 +66,14 @@ class Trainer:
                                          storage_options=args.storage_options,
                                          async_save=args.async_save,
                                          collective_timeout_s=args.collective_timeout_s,
-                                         lock_wait_s=args.lock_wait_s, incremental=args.incremental,
+                                         lock_wait_s=args.lock_wait_s, lock_lease_s=args.lock_lease_s,
+                                         incremental=args.incremental,
                                          on_commit=lambda path: self.log.info(f"Saved checkpoint: {path}"))
-        # The save_dir is claimed (writable, locked, nothing newer than where this run starts) before anything
-        # is logged into it or trained: a busy or mismatched save_dir is refused in one sentence at start.
+        self.manager.install_preemption_handlers()  # a SIGTERM while loading becomes a preemption save
         self.resume_path = self._resume_path()
-        self.manager.start_run(None if args.reset_epoch else self.resume_path)  # --reset_epoch: from step 0
-        local_logs = None if self.manager.storage.remote else os.path.join(args.save_dir, "logs")
-        self.log = setup_logging(args.log_dir or local_logs, self.rt)
+        if self.resume_path is None:  # nothing to load: claim save_dir now (see claim())
+            self.manager.start_run(None)
+        self.log = setup_logging(self.rt)
         self.examples = load_examples(args.dataset, args.samples, seed=args.seed)
         self.cfg = ModelConfig(compression=args.compression, **(TINY if args.tiny else {}))
         self.cfg.llama.pretrained, self.cfg.qwen.pretrained = args.llama_model, args.qwen_model
@@ -99,10 +103,24 @@ class Trainer:
                              f"in --save_dir {a.save_dir}; pass a new --save_dir")
         return path
 
+    def claim(self) -> None:
+        """Claim save_dir (writable, locked, nothing newer than where this run starts), then log into it: a busy,
+        damaged or mismatched save_dir is refused in one sentence at start, with nothing in it changed. A fresh
+        run claimed it before building anything; a resume claims after its load, which only reads, so that a
+        save_dir whose every checkpoint fails to load is left as it was. --reset_epoch starts from step 0."""
+        a = self.args
+        if self.resume_path is not None:
+            self.manager.start_run(None if a.reset_epoch else self.manager.loaded_path)
+        if a.log_dir is not None or self.manager.storage.remote:  # a URL save_dir: no log file without --log_dir
+            log_to_file(self.log, a.log_dir)
+        else:
+            log_to_file(self.log, os.path.join(a.save_dir, "logs"), save_dir=a.save_dir)
+
     def resume(self) -> None:
         a = self.args
         path = self.resume_path
         if path is None:
+            self.claim()
             if a.auto_resume:
                 self.log.info(f"No checkpoint found to resume in {a.save_dir}; starting fresh")
             return
@@ -116,6 +134,7 @@ class Trainer:
         # RNG streams are per rank: after a world-size change they have no owner and are reseeded below.
         loaded = self.manager.load_checkpoint(path, state=state, per_rank_policy="fresh")
         path = self.manager.loaded_path  # a damaged --auto_resume choice falls back to the previous checkpoint
+        self.claim()
         if ("scheduler" in state) != ("optimizer" in state):  # one of the two is fresh
             align_lr_with_schedule(self.opt, self.sched)
         if a.reset_epoch:

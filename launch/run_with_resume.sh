@@ -117,8 +117,13 @@ fi
 
 # --- from here on everything is also appended to the log ------------------------------------------------
 LOG_DIR="$SAVE_DIR/logs"
-mkdir -p "$LOG_DIR" || die "cannot create $LOG_DIR"
 LOG="$LOG_DIR/run_with_resume.log"
+# Never append through a planted link or into a FIFO (tee would follow the one and block on the other).
+for f in "$LOG_DIR" "$LOG"; do
+  [ -L "$f" ] && die "$f is a symlink to $(readlink "$f"); the log is written only inside the save_dir: remove it"
+done
+mkdir -p "$LOG_DIR" || die "cannot create $LOG_DIR"
+if [ -e "$LOG" ] && [ ! -f "$LOG" ]; then die "$LOG is not a regular file (a FIFO, device or directory): remove it"; fi
 exec 3>&1 4>&2
 # tee ignores the signals so that a Ctrl+C to the terminal cannot cut the log short.
 exec > >(exec 3>&- 4>&-; trap '' INT TERM USR1 HUP; exec tee -a "$LOG") 2>&1

@@ -22,9 +22,10 @@ LS_EPILOG = """examples:
   dcp-resume ls runs/exp1 --verify   also hash every file: CORRUPT rows, and 'latest' is what a resume loads
   dcp-resume ls runs/exp1 --quick    sizes only: 'latest' is the newest complete one by sizes
 
-STATUS: complete (metadata.json lists files that exist with their sizes), CORRUPT (complete by sizes, but DCP's
-index or, with --verify, a file's content hash does not match: resume skips it), INCOMPLETE (never committed
-or lost files). BEST marks the newest checkpoint saved with is_best, the one retention always keeps. '<- latest'
+STATUS: complete (metadata.json lists files that exist with their sizes), CORRUPT (committed, but a listed file
+is missing or resized, metadata.json is broken, or DCP's index or, with --verify, a file's content hash does not
+match: resume skips it, and it is kept as evidence), INCOMPLETE (no metadata.json: a save interrupted before its
+commit, removed by the next save). BEST marks the newest checkpoint saved with is_best, the one retention always keeps. '<- latest'
 marks what --auto_resume tries first (with --verify: what it loads, as `dcp-resume latest` says). Exit 1 when
 SAVE_DIR holds no checkpoint directory.
 """
@@ -67,7 +68,8 @@ def listing(store: Storage, save_dir: str, checks: str) -> dict:
     best = max((i for i in complete if i.meta.get("is_best")), key=lambda i: i.order, default=None)
     rows = []
     for info in infos:
-        status, reason = ("complete", "") if info.complete else ("incomplete", info.reason)
+        status, reason = ("complete", "") if info.complete else ("corrupt" if info.committed else "incomplete",
+                                                                 info.reason)
         if info.complete and checks != "quick" and (latest is None or info.order > latest.order):
             # passed over by the choice of latest (its result is cached): why
             problem = integrity.index_problem(store, info) if checks == "index" else integrity.problem(store, info)
@@ -113,8 +115,11 @@ def _footer(found: dict) -> list[str]:
                "index": "sizes, DCP's index and its hash; no shard was read: a resume checks each byte it reads, "
                         "`ls --verify` or `dcp-resume verify` hash them all",
                "verify": "sizes, DCP's index and the content hash of every file (--verify)"}[found["checks"]]
-    if latest is None:
-        lines.append("latest: none: no complete checkpoint passes these checks; --auto_resume would start fresh")
+    if latest is None and counts["complete"] + counts["corrupt"]:
+        lines.append("latest: none: no committed checkpoint passes these checks; --auto_resume refuses to start "
+                     "over (exit 2) and changes nothing")
+    elif latest is None:
+        lines.append("latest: none: no checkpoint was ever committed here; --auto_resume would start fresh")
     elif found["checks"] == "verify":
         lines.append(f"latest: {latest}, what --auto_resume loads (the newest complete checkpoint whose content "
                      "hashes match)")
@@ -141,7 +146,10 @@ def run_latest(args) -> int:
     save_dir = save_dir_arg(args.store, args.save_dir)
     latest = integrity.latest_verified(args.store, save_dir)  # warns about each damaged checkpoint it passes over
     if latest is None:
-        print(f"No checkpoint found to resume in {save_dir}", file=sys.stderr)
+        damaged = integrity.all_damaged(args.store, save_dir)  # cached: read once above
+        print(f"No checkpoint found to resume in {save_dir}" + (
+            "" if damaged is None else f": every committed checkpoint is damaged, so --auto_resume refuses to start "
+                                       f"over: {damaged}"), file=sys.stderr)
         return EXIT_FAILED
     print(latest.path)
     return EXIT_OK

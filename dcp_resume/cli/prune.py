@@ -13,11 +13,12 @@ EPILOG = """examples:
   dcp-resume prune runs/exp1 --keep 3               keep the newest 3 complete checkpoints and the best
   dcp-resume prune runs/exp1 --keep 1 --no-keep-best
 
-The engine's retention (CheckpointManager keep_last_n): removes complete checkpoints beyond the newest N and
-every incomplete directory (interrupted saves). It never removes the newest complete checkpoint, nor the
-newest one saved with is_best unless --no-keep-best, nor the one --auto_resume would load (it reads the
-newest checkpoints' content hashes to find it, like `dcp-resume latest`, so damaged newer ones cannot push it
-out). Takes the save_dir lock (.dcp-resume.lock) while it runs, and refuses with exit 1 while a live training
+The engine's retention (CheckpointManager keep_last_n): removes complete checkpoints beyond the newest N,
+every interrupted save (no metadata.json) and damaged checkpoints older than the newest complete one. It
+never removes the newest complete checkpoint, nor the newest one saved with is_best unless --no-keep-best,
+nor the one --auto_resume would load (it reads the newest checkpoints' content hashes to find it, like
+`dcp-resume latest`, so damaged newer ones cannot push it out), nor a damaged checkpoint newer than every
+complete one (the evidence of what went wrong: remove it by hand once you have looked). Takes the save_dir lock (.dcp-resume.lock) while it runs, and refuses with exit 1 while a live training
 job holds it; --dry-run reads only and takes no lock.
 """
 
@@ -46,6 +47,8 @@ def _plan(store: Storage, save_dir: str, keep: int, keep_best: bool) -> tuple[li
     for info in infos:  # kept by retention but passed over on resume (latest_verified cached the hashes)
         if info.complete and (resume is None or info.order > resume.order) and integrity.problem(store, info):
             notes[info.path] = "CORRUPT: `dcp-resume verify` names the file"
+        elif info.committed and not info.complete:
+            notes[info.path] = f"CORRUPT: {info.reason}; kept until a newer complete checkpoint exists"
     best = max((i for i in infos if i.complete and i.meta.get("is_best")), key=lambda i: i.order, default=None)
     if best is not None and all(i.path != best.path for i in doomed):
         notes[best.path] = ", ".join(filter(None, ["best", notes.get(best.path)]))
@@ -71,7 +74,9 @@ def run(args) -> int:
         for info in doomed:
             if not args.dry_run:
                 store.remove_tree(info.path)
-            why = f"incomplete: {info.reason}" if not info.complete else f"beyond the newest {args.keep}"
+            why = (f"beyond the newest {args.keep}" if info.complete else
+                   f"{'damaged, older than the newest complete checkpoint' if info.committed else 'incomplete'}: "
+                   f"{info.reason}")
             print(f"{verb} {info.name} ({why})")
         kept_names = ", ".join(f"{i.name} ({notes[i.path]})" if i.path in notes else i.name for i in kept)
         print(f"{'would keep' if args.dry_run else 'kept'} {len(kept)}: {kept_names or 'nothing'}"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Hashable, Iterable
 
 JSON_LIMIT = 64 << 20  # metadata.json, config.json, training_stats.json: small files; a bigger one is damage
 
@@ -32,6 +32,7 @@ class Storage:
     def write_stream(self, path: str, chunks: Iterable[bytes]) -> None: raise NotImplementedError
     def commit_atomically(self, path: str, data: bytes) -> None: raise NotImplementedError
     def create_exclusive(self, path: str, data: bytes) -> bool: raise NotImplementedError
+    def renew(self, path: str, data: bytes) -> None: raise NotImplementedError  # a new mtime for a lease
     def sync_dir(self, path: str) -> None: raise NotImplementedError
     def remove_tree(self, path: str) -> None: raise NotImplementedError
     def remove_file(self, path: str) -> None: raise NotImplementedError
@@ -44,6 +45,7 @@ class Storage:
     def dcp_reader_class(self) -> tuple[type, dict[str, Any]]: raise NotImplementedError
     def absolute(self, path: str) -> str: raise NotImplementedError
     def link(self, src: str, dst: str) -> None: raise NotImplementedError
+    def file_identity(self, path: str) -> Hashable: raise NotImplementedError  # equal iff one copy of the bytes
 
     # -- shared helpers -------------------------------------------------------------------------------
     @staticmethod

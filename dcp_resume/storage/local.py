@@ -32,6 +32,43 @@ def _open_regular(path: str) -> int:
         raise
 
 
+def open_regular_for_writing(path: str, append: bool = False) -> int:
+    """An fd to write a regular file at path (created if missing; truncated unless `append`), never through a
+    symlink and never blocking on a FIFO: side files (the log, results, metadata.json's temp file) must not
+    write outside save_dir because a link or a FIFO was planted there. OSError naming what is there otherwise."""
+    flags = os.O_WRONLY | os.O_CREAT | _NOFOLLOW | os.O_NONBLOCK | (os.O_APPEND if append else 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):  # a symlink, a FIFO without a reader, a directory
+            raise OSError(e.errno, f"{path} is {_what_is(path)}, not a regular file; refusing to write through it "
+                                   "(remove it: it is created as a regular file)") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path} is {_what_is(path)}, not a regular file; refusing to write to it "
+                                        "(remove it: it is created as a regular file)")
+        os.set_blocking(fd, True)
+        if not append:
+            os.ftruncate(fd, 0)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _what_is(path: str) -> str:
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "unreadable"
+    if stat.S_ISLNK(mode):
+        return f"a symlink to {os.readlink(path)}"
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+            "not a regular file")
+
+
 class LocalStorage(Storage):
     """A save_dir that is a plain path. Commits are temp file + fsync + rename + fsync of the directory."""
 
@@ -97,14 +134,14 @@ class LocalStorage(Storage):
 
     def write_durably(self, path: str, data: bytes) -> None:
         """Write a file and fsync it; the caller fsyncs the directory once all files are in (sync_dir)."""
-        with open(path, "wb") as f:
+        with open(open_regular_for_writing(path), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
 
     def write_stream(self, path: str, chunks: Iterable[bytes]) -> None:
         """write_durably for data that arrives in pieces (a large file, never all in memory)."""
-        with open(path, "wb") as f:
+        with open(open_regular_for_writing(path), "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
             f.flush()
@@ -130,6 +167,11 @@ class LocalStorage(Storage):
         finally:
             os.close(fd)
         return True
+
+    def renew(self, path: str, data: bytes) -> None:
+        """A new modification time for path (a lease's renewal), never through a symlink; `data`, what it
+        holds, is needed only where a touch is a rewrite (object stores)."""
+        os.utime(path, follow_symlinks=False)
 
     def sync_dir(self, path: str) -> None:
         """Make a directory's entries (new, renamed or removed files) durable."""
@@ -160,6 +202,12 @@ class LocalStorage(Storage):
                 shutil.copyfileobj(f, out, 16 << 20)
                 out.flush()
                 os.fsync(out.fileno())
+
+    def file_identity(self, path: str) -> tuple[int, int, int, int]:
+        """(device, inode, size, mtime): hard links share all four (they are one copy of the bytes); a file that
+        later reuses a freed inode number has another mtime."""
+        st = os.lstat(path)
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
     def mtime(self, path: str) -> float:
         return os.path.getmtime(path)

@@ -112,6 +112,12 @@ class FsspecStorage(Storage):
             return False
         return True
 
+    def renew(self, path: str, data: bytes) -> None:
+        """An object's modification time changes only with a new PUT: of the same data, if the object still
+        holds it (check-then-write: best effort, so a renewal may race another writer's takeover)."""
+        if self.fs.cat_file(path) == data:
+            self.fs.pipe_file(path, data)
+
     def sync_dir(self, path: str) -> None:
         """Nothing to sync: an object store has no directory entries."""
 
@@ -127,6 +133,10 @@ class FsspecStorage(Storage):
     def link(self, src: str, dst: str) -> None:
         """A server-side copy (S3 CopyObject): no byte passes through this host."""
         self.fs.copy(src, dst)
+
+    def file_identity(self, path: str) -> str:
+        """The object's URL: every object is its own copy (a link here is a server-side copy)."""
+        return self.identity(path)
 
     def mtime(self, path: str) -> float:
         return self.fs.modified(path).timestamp()

@@ -24,18 +24,24 @@ TARGETS = {"engine_async.blocking_s / memcpy floor time for its state",
            "engine_async.step_slowdown", "dcp_async_thread.step_slowdown"}
 
 
-def test_incremental_save_reports_every_mode_and_writes_only_what_changed(tmp_path):
-    """Bytes are counted, not timed: with incremental saves a checkpoint after the first writes about the
-    trainable state (parameters and AdamW moments, plus counters), without them the whole model too."""
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", INCREMENTAL, "--saves", "2",
+def test_incremental_save_reports_every_scheme_and_writes_only_what_changed(tmp_path):
+    """Bytes are counted, not timed: after the first saves a checkpoint writes about the trainable state
+    (parameters and AdamW moments, plus counters) with either incremental scheme, the whole model too without.
+    Kept on disk: the independent scheme holds the frozen LMs twice (the newest two checkpoints share no file),
+    the newest-linking one once, incremental=False once per checkpoint."""
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", INCREMENTAL, "--saves", "3",
          "--rounds", "1", "--dir", str(tmp_path / "runs"), "--out", str(tmp_path / "inc.json")], timeout=400)
     report = json.load(open(tmp_path / "inc.json"))
-    modes = {(s["incremental"], s["async"]): s for s in report["summary"]}
-    assert set(modes) == {(True, False), (True, True), (False, False), (False, True)}
+    modes = {(s["scheme"], s["async"]): s for s in report["summary"]}
+    assert set(modes) == {(scheme, a) for scheme in ("independent", "newest", "off") for a in (False, True)}
+    frozen = report["model_bytes"] - report["trainable_state_bytes"] / 3
     for asynchronous in (False, True):
-        on, off = modes[(True, asynchronous)], modes[(False, asynchronous)]
-        assert 1.0 <= on["written_over_trainable"] < 1.5 < 5 < off["written_over_trainable"]
-    assert modes[(True, True)]["peak_staging_bytes"] < modes[(False, True)]["peak_staging_bytes"] / 5
+        new, old, off = (modes[(scheme, asynchronous)] for scheme in ("independent", "newest", "off"))
+        for on in (new, old):
+            assert 1.0 <= on["written_over_trainable"] < 1.5 < 5 < off["written_over_trainable"]
+        assert 0.9 * frozen < new["disk_bytes"] - old["disk_bytes"] < 1.1 * frozen  # one more copy of the LMs
+        assert new["disk_bytes"] < 0.8 * off["disk_bytes"]
+    assert modes[("independent", True)]["peak_staging_bytes"] < modes[("off", True)]["peak_staging_bytes"] / 5
     trainable_params = report["trainable_state_bytes"] / 3
     assert report["model_bytes"] - trainable_params >= 20 * trainable_params  # the frozen LMs: >= 20x
 

@@ -145,6 +145,35 @@ def test_max_restarts_is_honoured_and_first_attempt_only_flags_are_dropped(tmp_p
     assert (tmp_path / "run" / "logs" / "run_with_resume.log").read_text() == proc.stdout
 
 
+@pytest.mark.parametrize("planted", ["log -> outside file", "logs -> outside dir", "log FIFO"])
+def test_wrapper_never_appends_through_a_planted_link_or_into_a_fifo(tmp_path, planted):
+    """The wrapper's log is a side file in save_dir like train.log: one line, exit 2, nothing run or written."""
+    logs, outside = tmp_path / "run" / "logs", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "run_with_resume.log").write_text("someone else's\n")
+    logs.parent.mkdir()
+    if planted == "logs -> outside dir":
+        logs.symlink_to(outside)
+        what = f"{logs} is a symlink to {outside}; the log is written only inside the save_dir: remove it"
+    else:
+        logs.mkdir()
+        if planted == "log FIFO":
+            os.mkfifo(logs / "run_with_resume.log")
+            what = f"{logs}/run_with_resume.log is not a regular file (a FIFO, device or directory): remove it"
+        else:
+            (logs / "run_with_resume.log").symlink_to(outside / "run_with_resume.log")
+            what = (f"{logs}/run_with_resume.log is a symlink to {outside}/run_with_resume.log; the log is written "
+                    "only inside the save_dir: remove it")
+    calls = tmp_path / "calls"
+    fake = _write(tmp_path / "python", f"#!/usr/bin/env bash\necho \"$*\" >> {calls}\n")
+    proc = subprocess.run(["bash", WRAPPER, "train", "--save-dir", str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=60, env=env(PYTHON=fake))
+    assert proc.returncode == 2 and proc.stderr.splitlines()[0] == f"run_with_resume: error: {what}", proc.stderr
+    assert not calls.exists()  # the program never started
+    assert os.listdir(outside) == ["run_with_resume.log"]
+    assert (outside / "run_with_resume.log").read_text() == "someone else's\n"
+
+
 def test_leftovers_of_a_killed_attempt_are_killed_before_the_restart(tmp_path):
     """Workers of a torchrun that got kill -9 live on in their own sessions; the wrapper finds them by the tag
     it puts in each attempt's environment. Stand-in python: the first attempt leaves such a process behind

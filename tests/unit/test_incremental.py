@@ -1,7 +1,8 @@
-"""Incremental checkpoints: tensors whose bytes did not change since save_dir's previous checkpoint are linked
-from it, not written; decided by content, so a frozen tensor edited in place is saved anew. Every checkpoint
-stays complete on its own: it loads, verifies, survives retention of the ones it shares bytes with, and plain
-DCP reads it without project code."""
+"""Incremental checkpoints: tensors whose bytes did not change since the checkpoint before the newest are linked
+from it, not written; decided by content, so a frozen tensor edited in place is saved anew. The newest two
+checkpoints never share a file, so one damaged file costs at most the newest. Every checkpoint stays complete on
+its own: it loads, verifies, survives retention of the ones it shares bytes with, and plain DCP reads it without
+project code."""
 import json
 import os
 import subprocess
@@ -65,29 +66,38 @@ def trained(tmp_path):
     return model, opt, tmp_path / "run"
 
 
-def test_frozen_tensors_are_written_once_and_every_checkpoint_reads_alone(trained, tmp_path):
+def inodes(ckpt) -> set[int]:
+    return {inode for _, inode in state_files(ckpt).values()}
+
+
+def test_frozen_tensors_are_written_twice_and_the_newest_two_checkpoints_share_no_file(trained, tmp_path):
+    """Unchanged bytes are written by the first two saves, then each save links them from the one before the
+    newest: the kept checkpoints alternate between two copies, and no two consecutive ones share an inode."""
     model, opt, run = trained
     with CheckpointManager(run, keep_last_n=None, verbose=False) as mgr:
-        for step in (1, 2, 3):
+        for step in (1, 2, 3, 4):
             train(model, opt)
             mgr.save_checkpoint({"model": model, "optimizer": opt}, step=step)
-    first, second, third = (state_files(run / f"step_{s}") for s in (1, 2, 3))
-    assert first["__0_0.distcp"][0] > FROZEN_BYTES  # the first save writes everything
-    for later in (second, third):
-        assert later["__0_0.distcp"][0] < FROZEN_BYTES / 4  # only the head, its optimizer state, the counters
-        assert later["ref.step_1.__0_0.distcp"] == first["__0_0.distcp"]  # the same inode: a hard link
+    files = {s: state_files(run / f"step_{s}") for s in (1, 2, 3, 4)}
+    for s in (1, 2):
+        assert files[s]["__0_0.distcp"][0] > FROZEN_BYTES  # the first two saves write everything
+    for later, base in ((3, 1), (4, 2)):
+        assert files[later]["__0_0.distcp"][0] < FROZEN_BYTES / 4  # only the head, its optimizer state, counters
+        assert files[later][f"ref.step_{base}.__0_0.distcp"] == files[base]["__0_0.distcp"]  # a hard link
+    for s in (1, 2, 3):
+        assert not inodes(run / f"step_{s}") & inodes(run / f"step_{s + 1}"), s  # independent copies
     meta = json.loads((run / "step_3" / "metadata.json").read_text())
     assert meta["files"]["state/ref.step_1.__0_0.distcp"] == \
         json.loads((run / "step_1" / "metadata.json").read_text())["files"]["state/__0_0.distcp"]
     assert meta["fingerprints"]["model.lm.weight@0,0"].startswith("xxh3_64:")
-    plain = plain_dcp_models([run / f"step_{s}" for s in (1, 2, 3)], tmp_path)  # no project code
+    plain = plain_dcp_models([run / f"step_{s}" for s in (1, 2, 3, 4)], tmp_path)  # no project code
     assert all(torch.equal(p["lm.weight"], model.lm.weight) for p in plain)
     assert torch.equal(plain[-1]["head.weight"], model.head.weight)
     verify = cli("verify", run)
-    assert verify.returncode == 0 and "3 checkpoint directories: 3 OK" in verify.stdout, verify.stdout
-    copy = tmp_path / "elsewhere" / "step_3"  # one checkpoint copied on its own (cp -r) is complete
+    assert verify.returncode == 0 and "4 checkpoint directories: 4 OK" in verify.stdout, verify.stdout
+    copy = tmp_path / "elsewhere" / "step_4"  # one checkpoint copied on its own (cp -r) is complete
     copy.parent.mkdir()
-    subprocess.run(["cp", "-r", str(run / "step_3"), str(copy)], check=True)
+    subprocess.run(["cp", "-r", str(run / "step_4"), str(copy)], check=True)
     assert cli("verify", copy).returncode == 0
     back = Frozen()
     CheckpointManager(copy.parent).load_checkpoint(str(copy), state={"model": back})
@@ -100,15 +110,16 @@ def test_a_frozen_tensor_edited_in_place_is_saved_anew(trained, edit):
     model, opt, run = trained
     with CheckpointManager(run, keep_last_n=None, verbose=False) as mgr:
         mgr.save_checkpoint({"model": model}, step=1)
+        mgr.save_checkpoint({"model": model}, step=2)
         if edit == "no_grad":
             with torch.no_grad():
                 model.lm.weight[3, 7] += 1.0
         else:
             model.lm.weight.data[3, 7] += 1.0
-        mgr.save_checkpoint({"model": model}, step=2)
-    assert state_files(run / "step_2")["__0_0.distcp"][0] > FROZEN_BYTES  # the edited weight, written again
+        mgr.save_checkpoint({"model": model}, step=3)  # would link the weight from step_1
+    assert state_files(run / "step_3")["__0_0.distcp"][0] > FROZEN_BYTES  # the edited weight, written again
     back = Frozen()
-    CheckpointManager(run).load_checkpoint(str(run / "step_2"), state={"model": back})
+    CheckpointManager(run).load_checkpoint(str(run / "step_3"), state={"model": back})
     assert torch.equal(back.lm.weight, model.lm.weight)  # the edit came back
     old = Frozen()
     CheckpointManager(run).load_checkpoint(str(run / "step_1"), state={"model": old})
@@ -129,31 +140,35 @@ def test_retention_keeping_one_leaves_a_complete_latest(trained):
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))
 
 
-def test_a_corrupt_shared_file_fails_every_checkpoint_sharing_it(trained, caplog):
-    """step_2 rewrote the edited frozen weight; step_3 shares step_2's file. Damage there: both fail
-    verification by name, and resume falls back to step_1, which does not share it."""
+def test_a_damaged_shared_file_costs_only_the_newest_checkpoint_and_is_never_linked_again(trained, caplog):
+    """step_4 links the frozen weight from step_2. Damage to those bytes fails both, by name; resume loads step_3,
+    one save older. The run then saves step_4 again: step_2's damaged file is not linked, the bytes are written."""
     model, opt, run = trained
     with CheckpointManager(run, keep_last_n=None, verbose=False) as mgr:
-        mgr.save_checkpoint({"model": model, "optimizer": opt}, step=1)
-        with torch.no_grad():
-            model.lm.weight.mul_(2)
-        train(model, opt)
-        mgr.save_checkpoint({"model": model, "optimizer": opt}, step=2)
-        train(model, opt)
-        mgr.save_checkpoint({"model": model, "optimizer": opt}, step=3)
-    assert state_files(run / "step_3")["ref.step_2.__0_0.distcp"] == state_files(run / "step_2")["__0_0.distcp"]
-    index = dcp_io.read_metadata(open_storage(str(run)), str(run / "step_3" / "state"))
+        for step in (1, 2, 3, 4):
+            train(model, opt)
+            mgr.save_checkpoint({"model": model, "optimizer": opt}, step=step)
+    index = dcp_io.read_metadata(open_storage(str(run)), str(run / "step_4" / "state"))
     shared = next(w for w in index.storage_data.values() if w.relative_path == "ref.step_2.__0_0.distcp")
     flip_byte(run / "step_2" / "state" / "__0_0.distcp", at=shared.offset + shared.length // 2)  # a byte both use
-    caplog.set_level("WARNING", logger="dcp_resume")
-    mgr = CheckpointManager(run)
-    assert mgr.load_checkpoint(state={"model": Frozen()}) and mgr.loaded_path == str(run / "step_1")
-    assert f"Skipping checkpoint {run / 'step_3'}: state/ref.step_2.__0_0.distcp content hash mismatch" in caplog.text
-    assert f"Skipping checkpoint {run / 'step_2'}: state/__0_0.distcp content hash mismatch" in caplog.text
     verify = cli("verify", run)
     assert verify.returncode == 1
     assert "BAD  step_2/state/__0_0.distcp: content hash mismatch" in verify.stdout
-    assert "BAD  step_3/state/ref.step_2.__0_0.distcp: content hash mismatch" in verify.stdout
+    assert "BAD  step_4/state/ref.step_2.__0_0.distcp: content hash mismatch" in verify.stdout
+    assert "OK   step_3:" in verify.stdout and "OK   step_1:" in verify.stdout
+    caplog.set_level("WARNING", logger="dcp_resume")
+    with CheckpointManager(run, keep_last_n=None, verbose=False) as mgr:
+        assert mgr.load_checkpoint(state={"model": model, "optimizer": opt}) is not None
+        assert mgr.loaded_path == str(run / "step_3")
+        assert f"Skipping checkpoint {run / 'step_4'}: state/ref.step_2.__0_0.distcp content hash mismatch" \
+            in caplog.text
+        train(model, opt)
+        mgr.save_checkpoint({"model": model, "optimizer": opt}, step=4)
+    again = state_files(run / "step_4")
+    assert not any(name.startswith("ref.step_2.") for name in again)  # the damaged bytes are not linked
+    assert again["__0_0.distcp"][0] > FROZEN_BYTES  # written anew
+    assert cli("verify", run / "step_4").returncode == 0
+    assert not inodes(run / "step_3") & inodes(run / "step_4")
 
 
 def test_incremental_false_and_older_checkpoints_write_everything(trained):
@@ -164,25 +179,25 @@ def test_incremental_false_and_older_checkpoints_write_everything(trained):
         mgr.save_checkpoint({"model": model}, step=2)
     assert "fingerprints" not in json.loads((run / "step_1" / "metadata.json").read_text())
     with CheckpointManager(run, keep_last_n=None, verbose=False) as mgr:
-        mgr.save_checkpoint({"model": model}, step=3)
-        mgr.save_checkpoint({"model": model}, step=4)
-    assert [n for n in state_files(run / "step_2") if n.startswith("ref.")] == []
-    assert [n for n in state_files(run / "step_3") if n.startswith("ref.")] == []
-    assert "ref.step_3.__0_0.distcp" in state_files(run / "step_4")
+        for step in (3, 4, 5):
+            mgr.save_checkpoint({"model": model}, step=step)
+    for step in (2, 3, 4):  # step_3 and step_4 would link from step_1 and step_2
+        assert [n for n in state_files(run / f"step_{step}") if n.startswith("ref.")] == []
+    assert "ref.step_3.__0_0.distcp" in state_files(run / "step_5")
 
 
 def test_async_saves_stage_only_what_changed(trained):
     model, opt, run = trained
     with CheckpointManager(run, keep_last_n=None, verbose=False, async_save=True) as mgr:
-        mgr.save_checkpoint({"model": model, "optimizer": opt}, step=1)
-        mgr.wait()
-        first = mgr._staging.nbytes()
-        train(model, opt)
-        mgr.save_checkpoint({"model": model, "optimizer": opt}, step=2)
-        mgr.wait()
-        second = mgr._staging.nbytes()
-    assert first > FROZEN_BYTES and second < FROZEN_BYTES / 4  # the frozen weight's buffer is freed
-    assert state_files(run / "step_2")["__0_0.distcp"][0] < FROZEN_BYTES / 4
+        staged = []
+        for step in (1, 2, 3):
+            train(model, opt)
+            mgr.save_checkpoint({"model": model, "optimizer": opt}, step=step)
+            mgr.wait()
+            staged.append(mgr._staging.nbytes())
+    assert staged[0] > FROZEN_BYTES and staged[1] > FROZEN_BYTES  # the first two saves write everything
+    assert staged[2] < FROZEN_BYTES / 4  # the frozen weight's buffer is freed
+    assert state_files(run / "step_3")["__0_0.distcp"][0] < FROZEN_BYTES / 4
     back = Frozen()
     CheckpointManager(run).load_checkpoint(state={"model": back})
     assert torch.equal(back.head.weight, model.head.weight) and torch.equal(back.lm.weight, model.lm.weight)
@@ -223,23 +238,23 @@ def test_cuda_tensors_are_fingerprinted_on_the_device_and_reused():
 def test_dcp_resume_copy_makes_a_verified_self_contained_copy(trained, tmp_path):
     model, opt, run = trained
     with CheckpointManager(run, keep_last_n=None, verbose=False) as mgr:
-        for step in (1, 2):
+        for step in (1, 2, 3):
             train(model, opt)
             mgr.save_checkpoint({"model": model, "optimizer": opt}, step=step)
-    dest = tmp_path / "archive" / "step_2"
-    r = cli("copy", run / "step_2", dest)
+    dest = tmp_path / "archive" / "step_3"
+    r = cli("copy", run / "step_3", dest)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith(f"Copied {run / 'step_2'} to {dest} (")
-    linked = state_files(run / "step_2")["ref.step_1.__0_0.distcp"]
+    assert r.stdout.startswith(f"Copied {run / 'step_3'} to {dest} (")
+    linked = state_files(run / "step_3")["ref.step_1.__0_0.distcp"]
     assert state_files(dest)["ref.step_1.__0_0.distcp"][0] == linked[0]
     assert state_files(dest)["ref.step_1.__0_0.distcp"][1] != linked[1]  # its own file, no longer a link
-    assert (dest / "metadata.json").read_bytes() == (run / "step_2" / "metadata.json").read_bytes()
+    assert (dest / "metadata.json").read_bytes() == (run / "step_3" / "metadata.json").read_bytes()
     assert cli("verify", dest).returncode == 0
-    again = cli("copy", run / "step_2", dest)
+    again = cli("copy", run / "step_3", dest)
     assert again.returncode == 1 and again.stderr.strip() == (
         f"dcp-resume: error: {dest} already exists; copy to a new directory")
-    flip_byte(run / "step_1" / "state" / "__0_0.distcp")  # the bytes step_2 links: the source is damaged now
-    bad = cli("copy", run / "step_2", tmp_path / "second")
+    flip_byte(run / "step_1" / "state" / "__0_0.distcp")  # the bytes step_3 links: the source is damaged now
+    bad = cli("copy", run / "step_3", tmp_path / "second")
     assert bad.returncode == 1 and "state/ref.step_1.__0_0.distcp content hash mismatch" in bad.stderr
     assert not (tmp_path / "second").exists()  # nothing written
 
@@ -256,6 +271,7 @@ def test_a_previous_checkpoint_whose_index_is_wrong_is_not_linked_from(trained, 
     model, opt, run = trained
     with CheckpointManager(run, keep_last_n=None, verbose=False) as mgr:
         mgr.save_checkpoint({"model": model}, step=1)
+        mgr.save_checkpoint({"model": model}, step=2)
         state = run / "step_1" / "state"
         index = dcp_io.read_metadata(open_storage(state), str(state))
         index.storage_data = {k: dataclasses.replace(v, relative_path="__9_0.distcp")
@@ -265,10 +281,10 @@ def test_a_previous_checkpoint_whose_index_is_wrong_is_not_linked_from(trained, 
         meta["files"]["state/.metadata"] = hashing.file_info(open_storage(state), str(state / ".metadata"))
         (run / "step_1" / "metadata.json").write_text(json.dumps(meta))
         caplog.set_level("WARNING", logger="dcp_resume")
-        mgr.save_checkpoint({"model": model}, step=2)
-    assert (f"Writing every tensor of {run / 'step_2'}: the previous checkpoint {run / 'step_1'} fails a check "
+        mgr.save_checkpoint({"model": model}, step=3)
+    assert (f"Writing every tensor of {run / 'step_3'}: {run / 'step_1'}, which it would link from, fails a check "
             "(state/__0_0.distcp: a shard that state/.metadata does not reference") in caplog.text
-    assert [n for n in state_files(run / "step_2") if n.startswith("ref.")] == []
+    assert [n for n in state_files(run / "step_3") if n.startswith("ref.")] == []
     back = Frozen()
     CheckpointManager(run).load_checkpoint(state={"model": back})
     assert torch.equal(back.lm.weight, model.lm.weight)
