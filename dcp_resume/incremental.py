@@ -5,8 +5,9 @@ and its DCP index points there, so every checkpoint stays a complete directory t
 elsewhere on its own, and that retention can delete without touching the bytes other checkpoints share.
 
 Decided by content, per flattened state key (`model.lm_llama.model.layers.0.mlp.up_proj.weight`): every rank
-fingerprints its chunk of every tensor and compares it with the fingerprint the base recorded for that chunk; a key is reused only when every rank holding it matched. A frozen tensor edited in place
-fails the comparison and is written anew, whatever its requires_grad. Fingerprints are xxh3_64 of the bytes
+fingerprints its chunk of every tensor and compares it with the fingerprint the base recorded for that chunk; a
+key is reused only when every rank holding it matched. A frozen tensor edited in place fails the comparison and
+is written anew, whatever its requires_grad. Fingerprints are xxh3_64 of the bytes
 for CPU tensors and a weighted 128-bit integer sum computed on the device for others (nothing is copied to
 the host to decide); each records its algorithm, dtype and shape, and only equal strings match.
 """
@@ -42,9 +43,9 @@ class Source:
 
 @dataclasses.dataclass
 class Reuse:
-    """What one save takes from the previous checkpoint (the same on every rank)."""
+    """What one save takes from its base checkpoint (the same on every rank)."""
 
-    base: str | None = None  # the previous checkpoint's path, None: write everything
+    base: str | None = None  # the base checkpoint's path, None: write everything
     keys: frozenset[str] = frozenset()  # flattened state keys stored by `base`, not written again
     fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)  # every rank's chunks, for metadata.json
 
@@ -124,7 +125,7 @@ def without(payload: dict[str, Any], keys: frozenset[str]) -> dict[str, Any]:
 
 
 def reusable(payload: dict[str, Any]) -> dict[str, Any]:
-    """The flattened tensor leaves a save may take from the previous checkpoint: reached through dicts only."""
+    """The flattened tensor leaves a save may take from an earlier checkpoint: reached through dicts only."""
     flat, mappings = dcp_io.flatten(payload)
     return {fqn: v for fqn, v in flat.items() if isinstance(v, torch.Tensor) and _dict_path(payload, mappings[fqn])}
 

@@ -43,10 +43,11 @@ def choose(store: Storage, save_dir: str, target: str, keep_last_n: int | None) 
     barred = {name for name in store.listdir(state)
               if integrity.suspect(store, os.path.join(state, name))
               or _identity(store, os.path.join(state, name)) in shared}
-    index = dcp_io.read_metadata(store, state)
-    unlinkable = {where.fqn for where, stored in index.storage_data.items() if stored.relative_path in barred}
-    fingerprints = {key: value for key, value in base.meta[FINGERPRINTS].items()
-                    if key.rsplit("@", 1)[0] not in unlinkable}
+    fingerprints = base.meta[FINGERPRINTS]
+    if barred:  # the keys stored in those files are written anew: drop their fingerprints
+        index = dcp_io.read_metadata(store, state)
+        unlinkable = {where.fqn for where, stored in index.storage_data.items() if stored.relative_path in barred}
+        fingerprints = {key: value for key, value in fingerprints.items() if key.rsplit("@", 1)[0] not in unlinkable}
     return Source(base.path, fingerprints)
 
 

@@ -25,9 +25,9 @@ LS_EPILOG = """examples:
 STATUS: complete (metadata.json lists files that exist with their sizes), CORRUPT (committed, but a listed file
 is missing or resized, metadata.json is broken, or DCP's index or, with --verify, a file's content hash does not
 match: resume skips it, and it is kept as evidence), INCOMPLETE (no metadata.json: a save interrupted before its
-commit, removed by the next save). BEST marks the newest checkpoint saved with is_best, the one retention always keeps. '<- latest'
-marks what --auto_resume tries first (with --verify: what it loads, as `dcp-resume latest` says). Exit 1 when
-SAVE_DIR holds no checkpoint directory.
+commit, removed by the next save). BEST marks the newest checkpoint saved with is_best, the one retention always
+keeps. '<- latest' marks what --auto_resume tries first (with --verify: what it loads, as `dcp-resume latest`
+says). Exit 1 when SAVE_DIR holds no checkpoint directory.
 """
 CHECKS = ("quick", "index", "verify")  # what ls reads: sizes; + DCP's index and its hash; + every file's hash
 LATEST_EPILOG = """examples:

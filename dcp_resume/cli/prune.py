@@ -18,8 +18,9 @@ every interrupted save (no metadata.json) and damaged checkpoints older than the
 never removes the newest complete checkpoint, nor the newest one saved with is_best unless --no-keep-best,
 nor the one --auto_resume would load (it reads the newest checkpoints' content hashes to find it, like
 `dcp-resume latest`, so damaged newer ones cannot push it out), nor a damaged checkpoint newer than every
-complete one (the evidence of what went wrong: remove it by hand once you have looked). Takes the save_dir lock (.dcp-resume.lock) while it runs, and refuses with exit 1 while a live training
-job holds it; --dry-run reads only and takes no lock.
+complete one (the evidence of what went wrong: remove it by hand once you have looked). Takes the save_dir
+lock (.dcp-resume.lock) while it runs, and refuses with exit 1 while a live training job holds it; --dry-run
+reads only and takes no lock.
 """
 
 
