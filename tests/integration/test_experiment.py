@@ -6,13 +6,14 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from common import full_state, make_training, train_steps
 from conftest import ROOT, run
-from helpers import assert_same, content_snapshot
+from helpers import assert_same, content_snapshot, flip_byte, stat_snapshot
 from trainer_runs import train_until_killed
 
 from dcp_resume import ExperimentCheckpointer
@@ -195,3 +196,23 @@ def test_a_fresh_run_into_a_finished_save_dir_is_refused_untouched(reference):
     assert len(lines) == 1 and f"save_dir {save_dir} already holds" in lines[0] and "Traceback" not in proc.stderr
     assert "phase train" not in proc.stdout
     assert content_snapshot(save_dir) == before
+
+
+def test_resume_into_a_save_dir_whose_checkpoints_all_fail_is_refused_untouched(reference, tmp_path):
+    """Every shard's content damaged (found only as the load reads it): --resume refuses in one line after its
+    load, which only reads, and changes nothing: no lock, no results.json."""
+    save_dir = tmp_path / "damaged"
+    subprocess.run(["cp", "-a", str(reference[0]), str(save_dir)], check=True)  # -a: linked files stay linked
+    (save_dir / "results.json").unlink()  # else --resume says every phase is done
+    flipped = set()
+    for shard in sorted(save_dir.glob("*/state/*.distcp")):
+        if shard.stat().st_ino not in flipped:  # a file two checkpoints link: flipped once
+            flipped.add(shard.stat().st_ino)
+            flip_byte(shard)
+    before = stat_snapshot(save_dir)
+    proc = experiment(*FLAGS, "--save-dir", save_dir, "--resume", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith(f"error: save_dir {save_dir} holds committed checkpoints and none of them loads: ")
+    assert "phase train" not in proc.stdout and stat_snapshot(save_dir) == before
