@@ -1,7 +1,7 @@
 """The one place that hands state to torch.distributed.checkpoint and reads its files back.
 
-Private DCP helpers used here (flatten/set_element) are the ones DCP itself uses to name keys, so the
-engine's key checks agree with DCP by construction.
+DCP's own key helpers (flatten/set_element, from compat.py with every other private torch name) name keys here,
+so the engine's key checks agree with DCP by construction.
 
 Nothing read from disk is unpickled without restriction (DCP itself does, in two places): `.metadata` goes
 through `_MetadataUnpickler`, which admits only DCP's metadata classes, torch.Size, dtypes and plain values;
@@ -23,13 +23,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.metadata as _dcp_metadata
 from torch.distributed.checkpoint import CheckpointException
-from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from . import hashing, metadata_check
+from . import compat, hashing, metadata_check
+from .compat import flatten_state_dict, set_element
 from .distributed import is_distributed
 from .errors import CorruptCheckpointError, UnsafeCheckpointError
 from .storage import Storage
@@ -128,20 +126,20 @@ _REFUSAL = ("that dcp-resume will not load: unpickling it could run code. This c
             "damaged, or written by a tool other than torch.distributed.checkpoint; do not load it (not with "
             "plain DCP either)")
 
-# What a real DCP .metadata pickles (torch 2.6 .. 2.13): the metadata dataclasses, the filesystem
+# What a real DCP .metadata pickles (torch 2.6 .. 2.14): the metadata dataclasses, the filesystem
 # _StorageInfo, torch.Size, dtypes/layouts (a global of `torch`, or torch.serialization._get_layout), the
 # save path (a pathlib path) and plain containers.
 _METADATA_CLASSES = {("torch.distributed.checkpoint.metadata", n): getattr(_dcp_metadata, n) for n in (
     "Metadata", "StorageMeta", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties",
     "TensorStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING") if hasattr(_dcp_metadata, n)}
 _METADATA_CLASSES.update({
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): compat.StorageInfo,
     ("torch", "Size"): torch.Size,
     ("collections", "OrderedDict"): collections.OrderedDict,
     **{("builtins", t.__name__): t for t in (set, frozenset, complex, slice, range)},
 })
-if hasattr(torch.serialization, "_get_layout"):  # how a torch.layout pickles (looks one up by name)
-    _METADATA_CLASSES[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+if compat.get_layout is not None:  # how a torch.layout pickles (looks one up by name)
+    _METADATA_CLASSES[("torch.serialization", "_get_layout")] = compat.get_layout
 _PATH_CLASSES = {"Path", "PosixPath", "PurePath", "PurePosixPath", "PureWindowsPath", "WindowsPath"}
 _TORCH_VALUE_TYPES = (torch.dtype, torch.layout, torch.memory_format)
 
@@ -190,7 +188,7 @@ class _SafeMetadata:
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if self.refusal is not None:  # the index may be what was refused: not read again
             return Metadata(state_dict_metadata={}, storage_data={}, storage_meta=StorageMeta())
-        path = str(self._get_metadata_path(kwargs.get("rank")))
+        path = compat.metadata_path(self, kwargs.get("rank"))
         expected = getattr(self, "expected", None)
         if expected is not None and expected.index is not None and expected.index[0] == path:
             metadata = expected.index[1]  # read and checked earlier in this load (the template was built from it)
@@ -198,7 +196,7 @@ class _SafeMetadata:
             metadata = self._read_checked(path, expected)
             if expected is not None:
                 expected.index = (path, metadata)
-        metadata.storage_meta.load_id = self.load_id
+        metadata.storage_meta.load_id = compat.reader_load_id(self)
         return metadata
 
     def _read_checked(self, path: str, expected: Expected | None) -> Metadata:
@@ -285,7 +283,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             names = torch.serialization.get_unsafe_globals_in_checkpoint(value) or ["an unknown type"]
         except Exception:  # not a torch.save archive: say what torch.load said
             names = [f"an unreadable kind ({str(error).strip().splitlines()[-1][:200]})"]
-        info = self._reader.storage_data.get(read_item.storage_index)
+        info = compat.reader_storage_data(self._reader).get(read_item.storage_index)
         where = str(self._reader.path) if info is None else os.path.join(str(self._reader.path), info.relative_path)
         return (f"{where} holds a pickled object of type {', '.join(names)} (item {read_item.dest_index.fqn!r}) "
                 f"{_REFUSAL}. Plain values and tensors load; a type you saved on purpose and trust can be allowed "

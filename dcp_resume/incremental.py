@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 import xxhash
-from torch.distributed.checkpoint.planner_helpers import _create_chunk_list
 from torch.distributed.tensor import DTensor
 
 from . import dcp_io, layout
+from .compat import create_chunk_list
 from .distributed import CommitGroup
 from .storage import Storage
 
@@ -56,7 +56,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def chunk_key(fqn: str, t: torch.Tensor) -> str:
     """The key of this rank's chunk of `t` (DCP's own chunk: global offsets, zeros for a plain tensor)."""
-    offsets = _create_chunk_list(t)[0].offsets
+    offsets = create_chunk_list(t)[0].offsets
     return f"{fqn}@{','.join(map(str, offsets))}"
 
 

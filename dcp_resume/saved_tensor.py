@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .compat import LegacyStorage
 from .untrusted import is_count, is_dims
 
 # The zip structures read (APPNOTE.TXT 4.3): local file header, central directory entry, end of central directory.
@@ -47,7 +48,7 @@ def _legacy_storage_dtypes() -> dict[str, torch.dtype]:
         for name in dir(torch):
             cls = getattr(torch, name)
             if name.endswith("Storage") and isinstance(cls, type) \
-                    and issubclass(cls, torch.storage._LegacyStorage) and not name.startswith("Q"):
+                    and issubclass(cls, LegacyStorage) and not name.startswith("Q"):
                 out[name] = cls.dtype
     return out
 

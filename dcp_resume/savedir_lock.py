@@ -34,6 +34,7 @@ Readers (find_latest_checkpoint, load_checkpoint, the CLI) never touch it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -92,6 +93,32 @@ class _Holding:
 
 _held: dict[str, _Holding] = {}  # lock path -> this process's holding
 _mutex = threading.Lock()
+_owner: int | None = None  # the thread inside _locked()
+_deferred: list["SaveDirLock"] = []  # releases a finalizer asked for inside _locked(), done when it ends
+
+
+@contextlib.contextmanager
+def _locked():
+    """_mutex, noting which thread holds it. The garbage collector may run a manager's finalizer (a release) in
+    the middle of this module's own critical section, on the same thread: that release waits for the section's
+    end (_release_when_free) instead of deadlocking on _mutex."""
+    global _owner
+    with _mutex:
+        _owner = threading.get_ident()
+        try:
+            yield
+        finally:
+            _owner = None
+    while _deferred:
+        _deferred.pop().release()
+
+
+def _release_when_free(lock: "SaveDirLock") -> None:
+    """A finalizer's release (an unclosed manager collected, or the interpreter exiting)."""
+    if _owner == threading.get_ident():
+        _deferred.append(lock)
+    else:
+        lock.release()
 
 
 class SaveDirLock:
@@ -102,7 +129,7 @@ class SaveDirLock:
         self._released = False
 
     def release(self) -> None:
-        with _mutex:
+        with _locked():
             if self._released:
                 return
             self._released = True
@@ -114,7 +141,7 @@ class SaveDirLock:
                 return
             del _held[self.path]
         holding.lease.stop()  # not under _mutex: a finalizer on the renewal thread may be waiting for it
-        with _mutex:
+        with _locked():
             if _still_ours(self.store, self.path, holding):  # not taken over or removed by hand
                 self.store.remove_file(self.path)
 
@@ -140,7 +167,7 @@ def acquire(store: Storage, save_dir: str, owner: Any = None, wait_s: float = 0.
                 waiting = True
             time.sleep(min(0.5, left))
     if owner is not None:
-        weakref.finalize(owner, lock.release)
+        weakref.finalize(owner, _release_when_free, lock)
     return lock
 
 
@@ -163,7 +190,7 @@ def lost(store: Storage, save_dir: str) -> str | None:
 def _acquire(store: Storage, save_dir: str, lease_s: float, announce: bool) -> SaveDirLock:
     store.makedirs(save_dir)
     path = os.path.join(store.identity(save_dir), LOCK_FILE)
-    with _mutex:
+    with _locked():
         holding = _held.get(path)
         if holding is not None and _still_ours(store, path, holding):
             holding.count += 1

@@ -10,8 +10,9 @@ import copy
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
 from torch.distributed.tensor import DTensor
+
+from .compat import flatten_state_dict, unflatten_state_dict
 
 
 class StagingBuffers:

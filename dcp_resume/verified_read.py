@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import _weights_only_unpickler
-from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
-from . import hashing, saved_tensor
+from . import compat, hashing, saved_tensor
+from .compat import narrow_tensor_by_index
 from .errors import CorruptCheckpointError
 
 # Read and verified, not yet deserialized (one larger item is still admitted alone). Small, so buffers come back
@@ -163,10 +162,7 @@ def _tensor_in_place(data: memoryview) -> torch.Tensor:
     if fast is not None:
         return fast
     try:
-        with torch.serialization._open_zipfile_reader(_BufferFile(data)) as archive:
-            storage = torch.frombuffer(data, dtype=torch.uint8).untyped_storage()
-            return torch.serialization._load(archive, "cpu", _weights_only_unpickler, overall_storage=storage,
-                                             encoding="utf-8")
+        return compat.load_weights_only(data, _BufferFile(data))
     except (AttributeError, TypeError):  # a private function moved or changed: the public, copying way
         return torch.load(_BufferFile(data), map_location="cpu", weights_only=True)
 
@@ -183,7 +179,7 @@ class VerifiedRead:
             return super().read_data(plan, planner)
         per_file: dict[str, list] = {}
         for item in plan.items:
-            where = self.storage_data[item.storage_index]
+            where = compat.reader_storage_data(self)[item.storage_index]
             per_file.setdefault(where.relative_path, []).append((where.offset, where.length, item, where))
         ready: queue.Queue = queue.Queue()
         buffers = _Buffers(PREFETCH_BYTES)

@@ -15,8 +15,8 @@ import posixpath
 from typing import Any, BinaryIO, Iterable
 
 from fsspec.core import url_to_fs
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
+from ..compat import FsspecReader, FsspecWriter
 from ..errors import StorageError
 from .base import Storage
 

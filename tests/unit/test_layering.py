@@ -86,3 +86,37 @@ def test_test_tiers_are_their_directories():
     loose = [f for f in os.listdir(os.path.join(ROOT, "tests")) if f.startswith("test_")]
     assert loose == [], "tests/test_*.py: put each module in tests/unit or tests/integration"
     assert len(tiers["unit"]) > 15 and len(tiers["integration"]) > 15
+
+
+def _private_torch_names(tree: ast.AST) -> list[str]:
+    """'line: name' for every private torch name (a `_part` of a torch module path, imported or reached through
+    attributes of `torch`) in a module's syntax tree; dunders such as torch.__version__ are public."""
+    def private(parts) -> bool:
+        return parts[0] == "torch" and any(p.startswith("_") and not p.startswith("__") for p in parts)
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.Attribute):
+            chain, inner = [node.attr], node.value
+            while isinstance(inner, ast.Attribute):
+                chain.append(inner.attr)
+                inner = inner.value
+            names = [".".join([inner.id, *reversed(chain)])] if isinstance(inner, ast.Name) else []
+        else:
+            continue
+        found += [f"{node.lineno}: {n}" for n in names if private(n.split("."))]
+    return found
+
+
+def test_every_private_torch_name_is_in_compat():
+    """dcp_resume/compat.py holds every private torch name the package uses, with the versions it was checked
+    against; a torch release that moves one breaks there, by name. (Before it existed, six modules held 15.)"""
+    modules = _modules()
+    elsewhere = {name: found for name, path in modules.items() if name != "dcp_resume.compat"
+                 and (found := _private_torch_names(ast.parse(open(path).read())))}
+    assert elsewhere == {}, f"import these from dcp_resume.compat: {elsewhere}"
+    assert _private_torch_names(ast.parse(open(modules["dcp_resume.compat"]).read()))  # the check sees them

@@ -344,3 +344,21 @@ def test_a_planted_takeover_guard_is_refused_in_one_line(tmp_path, kind):
                                            rf"{kind}; remove it"):
         CheckpointManager(tmp_path, verbose=False).save_checkpoint({"model": Tiny()}, step=1)
     assert os.listdir(outside) == [] and not (tmp_path / "step_1").exists()
+
+
+def test_a_release_the_collector_runs_inside_the_lock_module_waits_instead_of_deadlocking(tmp_path):
+    """An unclosed manager's finalizer may run wherever the collector does, also while this process is taking
+    a lock (seen: a test hung in json.loads inside acquire). It then releases once that section ends."""
+    lock = savedir_lock.acquire(open_storage(str(tmp_path)), str(tmp_path))
+    seen = []
+
+    def collector_inside_acquire():
+        with savedir_lock._locked():
+            savedir_lock._release_when_free(lock)  # what weakref.finalize calls
+            seen.append((tmp_path / LOCK).exists())
+
+    worker = threading.Thread(target=collector_inside_acquire, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "deadlocked"
+    assert seen == [True] and not (tmp_path / LOCK).exists()  # released once the section ended

@@ -3,6 +3,7 @@ stays within PREFETCH_BYTES, and a tensor is deserialized over its verified buff
 where a bug would corrupt state (a buffer refilled while DCP still reads it), so the loads here are compared
 bit for bit with what was saved, with buffers recycled many times over items of many sizes."""
 import io
+import re
 import threading
 
 import pytest
@@ -105,3 +106,25 @@ def test_tensor_is_deserialized_over_its_buffer_without_a_copy():
     assert torch.equal(back, t)
     start = torch.frombuffer(data, dtype=torch.uint8).data_ptr()
     assert start <= back.data_ptr() < start + len(data)  # its storage is the buffer itself
+
+
+def test_a_tensor_item_gets_the_checks_torch_load_weights_only_gives_it_on_this_torch():
+    """A crafted item: a sparse tensor whose index lies outside its size. torch.load(weights_only=True), what plain
+    dcp.load uses, validates sparse indices from torch 2.14 on; the engine's read over the verified buffer must
+    refuse (or accept) it exactly where torch.load does."""
+    bad = torch.sparse_coo_tensor(torch.tensor([[0, 1_000_000]]), torch.tensor([1.0, 2.0]), (4,),
+                                  check_invariants=False)
+    buffer = io.BytesIO()
+    torch.save(bad, buffer)
+    data = buffer.getvalue()
+    try:
+        torch.load(io.BytesIO(data), weights_only=True)
+        refused = None
+    except RuntimeError as e:
+        refused = str(e)
+    if refused is None:  # this torch does not check: neither does the engine's read
+        back = verified_read._tensor_in_place(memoryview(bytearray(data)))
+        assert back.is_sparse and torch.equal(back._indices(), bad._indices())
+    else:
+        with pytest.raises(RuntimeError, match=re.escape(refused)):
+            verified_read._tensor_in_place(memoryview(bytearray(data)))
