@@ -77,10 +77,11 @@ class _Lease:
             except Exception as e:  # best effort: a lease that lapses fails this job's next commit (lost())
                 logger.debug("Could not renew the save_dir lock %s: %s", path, e)
 
-    def stop(self) -> None:
-        """No renewal after this returns (one in progress is waited for), so a removed lock stays removed."""
+    def stop(self, wait: bool = True) -> None:
+        """No renewal after this returns (one in progress is waited for, unless not `wait`), so a removed lock
+        stays removed."""
         self._stop.set()
-        if threading.current_thread() is not self._thread:  # (a release by a finalizer may run on any thread)
+        if wait and threading.current_thread() is not self._thread:  # (a finalizer's release may run on any thread)
             self._thread.join()
 
 
@@ -103,14 +104,16 @@ def _locked():
     the middle of this module's own critical section, on the same thread: that release waits for the section's
     end (_release_when_free) instead of deadlocking on _mutex."""
     global _owner
-    with _mutex:
-        _owner = threading.get_ident()
-        try:
-            yield
-        finally:
-            _owner = None
-    while _deferred:
-        _deferred.pop().release()
+    try:
+        with _mutex:
+            _owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                _owner = None
+    finally:
+        while _deferred:
+            _deferred.pop().release()
 
 
 def _release_when_free(lock: "SaveDirLock") -> None:
@@ -202,8 +205,8 @@ def _acquire(store: Storage, save_dir: str, lease_s: float, announce: bool) -> S
             raw_mine = (json.dumps(mine, sort_keys=True) + "\n").encode()
             if store.create_exclusive(path, raw_mine):
                 # (managers of this process whose file was removed meanwhile share the new one)
-                if holding is not None:
-                    holding.lease.stop()
+                if holding is not None:  # its file was removed or replaced: a late renewal touches ours, harmless
+                    holding.lease.stop(wait=False)  # (under _mutex, which that thread's finalizer may wait for)
                 _held[path] = _Holding(holding.count + 1 if holding is not None else 1, mine,
                                        _Lease(store, path, raw_mine, lease_s))
                 return SaveDirLock(store, path)
