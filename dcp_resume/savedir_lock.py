@@ -240,13 +240,20 @@ def _read_raw(store: Storage, path: str) -> bytes | None:
     except FileNotFoundError:
         return None
     except OSError:
-        what = ("a symlink" if store.is_link(path) else "a directory" if store.isdir(path) else
-                "not a regular file (a FIFO, device or socket)" if store.exists(path) and not store.isfile(path)
-                else None)
+        what = _not_regular(store, path)
         if what is None:
             raise  # a regular file that cannot be read (permissions, I/O): the OS's own words
         raise StorageError(f"the save_dir lock {path} is {what}; remove it (dcp-resume creates it as a regular "
                            "file)") from None
+
+
+def _not_regular(store: Storage, path: str) -> str | None:
+    """What is at path when it is there but is not a regular file (planted: never followed nor opened)."""
+    if store.is_link(path):
+        return "a symlink"
+    if store.isdir(path):
+        return "a directory"
+    return "not a regular file (a FIFO, device or socket)" if store.exists(path) and not store.isfile(path) else None
 
 
 def _parse(raw: bytes | None) -> dict[str, Any] | None:
@@ -363,9 +370,9 @@ def _remove_if_unchanged(store: Storage, path: str, stale_raw: bytes) -> bool:
     """Remove the stale lock, under a guard, only if it still holds `stale_raw`. False: someone else is at it."""
     guard = path + ".takeover"
     if not store.create_exclusive(guard, b""):
-        if store.is_link(guard) or store.isdir(guard):  # planted: removing it would fail, following it worse
-            raise StorageError(f"the save_dir lock's takeover guard {guard} is "
-                               f"{'a symlink' if store.is_link(guard) else 'a directory'}; remove it (dcp-resume "
+        planted = _not_regular(store, guard)
+        if planted in ("a symlink", "a directory"):  # removing it would fail, following it would be worse
+            raise StorageError(f"the save_dir lock's takeover guard {guard} is {planted}; remove it (dcp-resume "
                                "creates it as an empty regular file)")
         try:
             if time.time() - store.mtime(guard) > _UNREADABLE_GRACE_S:

@@ -51,3 +51,15 @@ def flip_byte(path, at: int | None = None) -> None:
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x10]))
+
+
+def refused_at_start(proc, *phrases) -> str:
+    """The one `error: ` line of a trainer run refused at start (exit 2, no traceback, nothing trained), holding
+    each of `phrases`."""
+    assert proc.returncode == 2, f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    assert "Resuming from checkpoint" not in proc.stdout and "epoch 1/" not in proc.stderr  # refused before training
+    return lines[0]

@@ -144,9 +144,10 @@ def run_ls(args) -> int:
 
 def run_latest(args) -> int:
     save_dir = save_dir_arg(args.store, args.save_dir)
-    latest = integrity.latest_verified(args.store, save_dir)  # warns about each damaged checkpoint it passes over
+    infos = layout.list_checkpoints(args.store, save_dir)
+    latest = integrity.latest_verified(args.store, save_dir, infos)  # warns about each damaged one it passes over
     if latest is None:
-        damaged = integrity.all_damaged(args.store, save_dir)  # cached: read once above
+        damaged = integrity.all_damaged(args.store, save_dir, infos)  # hashes cached by latest_verified
         print(f"No checkpoint found to resume in {save_dir}" + (
             "" if damaged is None else f": every committed checkpoint is damaged, so --auto_resume refuses to start "
                                        f"over: {damaged}"), file=sys.stderr)

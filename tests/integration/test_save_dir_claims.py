@@ -10,7 +10,7 @@ from helpers import stat_snapshot
 from common import Tiny
 from conftest import ROOT, WORKERS, run
 from filesystems import mounted
-from helpers import env
+from helpers import env, refused_at_start
 from trainer_runs import BASE, launcher
 
 from dcp_resume import CheckpointManager
@@ -21,16 +21,6 @@ pytestmark = pytest.mark.slow  # integration: real trainer runs, launchers and s
 
 def _train(*args):
     return run(list(map(str, launcher(1, "python") + BASE + list(args))), timeout=300, check=False)
-
-
-def _refused(proc, *phrases):
-    assert proc.returncode == 2, f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
-    assert "Resuming from checkpoint" not in proc.stdout and "epoch 1/" not in proc.stderr  # refused before training
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +34,7 @@ def finished(tmp_path_factory):
 
 def test_a_fresh_run_into_a_used_save_dir_is_refused_untouched(finished):
     before = stat_snapshot(finished)
-    line = _refused(_train("--save_dir", finished), f"save_dir {finished} already holds",
+    line = refused_at_start(_train("--save_dir", finished), f"save_dir {finished} already holds",
                     "a new run starting at step 0 would reuse its step numbers", "--auto_resume", "new save_dir")
     assert "(step 24)" in line
     assert stat_snapshot(finished) == before
@@ -53,7 +43,7 @@ def test_a_fresh_run_into_a_used_save_dir_is_refused_untouched(finished):
 def test_a_rewind_into_the_same_save_dir_is_refused_untouched(finished):
     oldest = min((n for n in os.listdir(finished) if n.startswith("step_")), key=lambda n: int(n[5:]))
     before = stat_snapshot(finished)
-    _refused(_train("--save_dir", finished, "--resume_from", f"{finished}/{oldest}", "--keep_last_n", 1),
+    refused_at_start(_train("--save_dir", finished, "--resume_from", f"{finished}/{oldest}", "--keep_last_n", 1),
              f"newer than {finished}/{oldest} (step {oldest[5:]})", "give the rewound run a new save_dir")
     assert stat_snapshot(finished) == before
 
@@ -69,7 +59,7 @@ def test_a_second_job_on_a_busy_save_dir_is_refused_before_it_trains(finished):
     holder = _holder(finished, 120)
     try:
         before = stat_snapshot(finished)
-        _refused(_train("--save_dir", finished, "--auto_resume", "--lock_wait_s", 1),
+        refused_at_start(_train("--save_dir", finished, "--auto_resume", "--lock_wait_s", 1),
                  f"{finished} is in use by another writer", f"pid {holder.pid}", "save to another save_dir")
         assert stat_snapshot(finished) == before  # not even a line in the other job's train.log
     finally:
@@ -101,15 +91,15 @@ def test_a_short_lock_holder_such_as_prune_is_waited_for(finished):
 
 def test_a_save_dir_that_is_a_file_is_refused_at_start(tmp_path):
     (tmp_path / "run").write_text("not a directory")
-    _refused(_train("--save_dir", tmp_path / "run"), "is a file, not a directory")
+    refused_at_start(_train("--save_dir", tmp_path / "run"), "is a file, not a directory")
     assert (tmp_path / "run").read_text() == "not a directory"
 
 
-def test_a_read_only_save_dir_and_export_out_are_refused(tmp_path):
+def test_a_read_only_save_dir_and_export_out_arerefused_at_start(tmp_path):
     with CheckpointManager(tmp_path / "src", verbose=False, enable_preemption_handling=False) as mgr:
         mgr.save_checkpoint({"model": Tiny()}, step=1)
     with mounted("tmpfs", tmp_path, 1, read_only=True) as ro:
-        _refused(_train("--save_dir", os.path.join(ro, "run")), f"save_dir {ro}/run cannot be created",
+        refused_at_start(_train("--save_dir", os.path.join(ro, "run")), f"save_dir {ro}/run cannot be created",
                  "Read-only file system")
         assert cli(["export", str(tmp_path / "src" / "step_1"), "--out", os.path.join(ro, "m.safetensors")]) == 2
         assert os.listdir(ro) == []

@@ -8,8 +8,8 @@ import re
 import subprocess
 
 import pytest
-from conftest import ROOT
-from helpers import assert_same, env, flip_byte, stat_snapshot
+from conftest import ROOT, run
+from helpers import assert_same, flip_byte, refused_at_start, stat_snapshot
 from trainer_runs import BASE, final_state, launcher, train
 
 from latentwire.exactness import COMPARED
@@ -24,17 +24,7 @@ NEWEST_FILES = ["metadata.json", "config.json", "training_stats.json", "state/.m
 
 
 def start(*args, cmd=PYTHON, extra_env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd + list(map(str, args)), capture_output=True, text=True, timeout=300,
-                          env=env(**(extra_env or {})), cwd=ROOT)
-
-
-def refused(proc) -> str:
-    """The one `error: ` line of a run refused at start (exit 2, no traceback, nothing trained)."""
-    assert proc.returncode == 2, f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "Resuming from checkpoint" not in proc.stdout and "epoch 1/" not in proc.stderr
-    return lines[0]
+    return run(cmd + list(map(str, args)), timeout=300, check=False, env=extra_env)
 
 
 def inodes(ckpt) -> set[int]:
@@ -117,8 +107,8 @@ def test_lost_shards_in_every_checkpoint_refuse_a_fresh_start_and_change_nothing
             "missing: state/__1_0.distcp); step_2 (listed file missing: state/__1_0.distcp). Nothing in it was "
             "changed. Resume from a checkpoint elsewhere (--resume_from PATH), train into a new --save_dir, or see "
             f"every damaged file with `dcp-resume verify {run}`")
-    assert refused(start(*flags, "--epochs", 2, "--save_dir", run, "--auto_resume")) == want
-    assert refused(start(*flags, "--epochs", 2, "--save_dir", run)) == want  # nor a fresh run without it
+    assert refused_at_start(start(*flags, "--epochs", 2, "--save_dir", run, "--auto_resume")) == want
+    assert refused_at_start(start(*flags, "--epochs", 2, "--save_dir", run)) == want  # nor a fresh run without it
     proc = start(*flags, "--epochs", 2, "--save_dir", run, "--auto_resume", cmd=torchrun)
     assert proc.returncode != 0 and proc.stderr.count(want) == 2, proc.stderr[-3000:]  # each rank, one line
     assert "Resuming from checkpoint" not in proc.stdout and "epoch 1/" not in proc.stderr
@@ -133,7 +123,7 @@ def test_content_damage_in_every_checkpoint_refuses_the_resume_after_its_load_an
     flip_byte(run / NEWEST / SHARED)  # step_9's too (the same file); epoch1 holds the other copy
     flip_byte(next((run / "epoch1" / "state").glob("ref.*")))
     before = stat_snapshot(run)
-    line = refused(start(*BASE, "--save_dir", run, "--auto_resume"))
+    line = refused_at_start(start(*BASE, "--save_dir", run, "--auto_resume"))
     assert re.match(rf"error: save_dir {re.escape(str(run))} holds committed checkpoints and none of them loads: "
                     rf"{NEWEST} \(state/\S+ content hash mismatch .*\); epoch1 \(.*\); step_9 \(.*\)\. Nothing in "
                     "it was changed.", line), line
@@ -158,7 +148,7 @@ def test_the_log_is_never_written_through_a_link_or_into_a_fifo(tmp_path, plante
             (run / "logs" / "train.log").symlink_to(outside / "train.log")
             what = (f"{run}/logs/train.log is a symlink to {outside}/train.log, not a regular file; refusing to "
                     "write through it")
-    line = refused(start(*BASE, "--save_dir", run))
+    line = refused_at_start(start(*BASE, "--save_dir", run))
     assert line.startswith(f"error: cannot log to {run}/logs/train.log: {what}"), line
     assert (outside / "train.log").read_text() == "someone else's file\n" and os.listdir(outside) == ["train.log"]
 
